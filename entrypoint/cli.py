@@ -1,0 +1,245 @@
+"""Command line: ``run`` (default), ``check``, ``render``, ``status``, ``probe``, ``identity``.
+
+Exit codes (README, docs/operations.md): 0 requested stop or success; 78 invalid
+configuration; 69 a dependency unavailable past its deadline; a crashed
+child's code or 128+signal; 70 internal error; 1 a failed probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from entrypoint import __version__
+from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pogly-entrypoint",
+        description="PID 1 of the Pogly container: supervises SpacetimeDB and Caddy. "
+        "Configuration comes from the environment (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="start and supervise everything (the default)")
+    sub.add_parser("check", help="validate configuration, Caddyfile and OIDC provider; print the settings")
+    sub.add_parser("render", help="print the rendered Caddyfile and config.js")
+    st = sub.add_parser("status", help="show the running supervisor's status")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    pr = sub.add_parser("probe", help="exit 0 when ready/live, 1 otherwise (Kubernetes exec probes, HEALTHCHECK)")
+    pr.add_argument("which", choices=("ready", "live"))
+    pr.add_argument("--timeout", type=float, default=2.0)
+    ident = sub.add_parser("identity", help="print the SpacetimeDB identity an OIDC subject will have")
+    ident.add_argument("--sub", required=True, help="the 'sub' claim")
+    ident.add_argument("--issuer", help="the 'iss' claim (default: OIDC_ISSUER)")
+    return parser
+
+
+def main(argv: list[str], pending: list[int] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        if command == "run":
+            return cmd_run(pending if pending is not None else [])
+        if command == "check":
+            return cmd_check()
+        if command == "render":
+            return cmd_render()
+        if command == "status":
+            return cmd_status(args.json)
+        if command == "probe":
+            return cmd_probe(args.which, args.timeout)
+        if command == "identity":
+            return cmd_identity(args.sub, args.issuer)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_SOFTWARE
+
+
+def _settings_or_exit() -> Any:
+    from entrypoint import config, logs
+
+    try:
+        return config.load()
+    except config.ConfigError as exc:
+        fmt = os.environ.get("LOG_FORMAT", "auto").strip().lower()
+        logs.configure(fmt if fmt in config.LOG_FORMATS else "auto")
+        logs.get().error("config.invalid", message=str(exc), exit_code=EXIT_CONFIG,
+                         problems=[str(p) for p in exc.problems])
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(pending: list[int]) -> int:
+    settings = _settings_or_exit()
+    from entrypoint import logs
+
+    logs.configure(settings.log_format, settings.debug_mode)
+    return asyncio.run(_run(settings, pending))
+
+
+async def _run(settings: Any, pending: list[int]) -> int:
+    from entrypoint import logs
+    from entrypoint.process import Reaper, become_subreaper
+    from entrypoint.supervisor import Supervisor
+
+    log = logs.get()
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.install(loop)
+    supervisor = Supervisor(settings, reaper)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.request_stop, sig)
+    for sig in pending:  # caught by __main__ before the loop existed
+        supervisor.request_stop(sig)
+    pending.clear()
+    if os.getpid() == 1:
+        role = "pid1"
+    elif become_subreaper():
+        role = "subreaper"
+    else:
+        role = "none"
+        log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
+                    "orphans of our children will not be reaped by us")
+    log.info("entrypoint.start", version=__import__("entrypoint").__version__, pid=os.getpid(), reaper=role,
+             issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
+    try:
+        return await supervisor.run()
+    finally:
+        reaper.uninstall()
+
+
+def cmd_check() -> int:
+    settings = _settings_or_exit()
+    from entrypoint import logs
+
+    logs.configure("console" if sys.stdout.isatty() else "json", settings.debug_mode, stream=sys.stderr)
+    print(json.dumps({"settings": settings.public_view()}, indent=2))
+    return asyncio.run(_check(settings))
+
+
+async def _check(settings: Any) -> int:
+    from entrypoint import caddy, oidc, webconfig
+    from entrypoint.process import Reaper, run_capture
+
+    reaper = Reaper()
+    reaper.install(asyncio.get_running_loop())
+    code = 0
+    try:
+        import tempfile
+        from dataclasses import replace
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory(prefix="pogly-check-") as tmp:
+            scratch = replace(settings, run_dir=Path(tmp))
+            path = caddy.write(scratch, caddy.render(scratch))
+            webconfig.write_config_js(scratch)
+
+            async def runner(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, bytes, bytes]:
+                return await run_capture(argv, env, timeout, reaper)
+
+            try:
+                await caddy.validate(scratch, path, runner)
+                print("Caddyfile: valid")
+            except caddy.CaddyConfigError as exc:
+                print(f"Caddyfile: INVALID\n{exc}")
+                code = EXIT_CONFIG
+        print("Redirect URIs to register at the provider:")
+        for uri in oidc.redirect_uris(settings):
+            print(f"  {uri}")
+        try:
+            report = await oidc.check_provider(settings)
+            print(f"OIDC provider: verified ({report.issuer})")
+            for note in report.notes:
+                print(f"  note: {note}")
+        except oidc.OidcConfigError as exc:
+            print(f"OIDC provider: INVALID\n{exc}")
+            code = code or EXIT_CONFIG
+        except oidc.OidcUnavailable as exc:
+            print(f"OIDC provider: UNREACHABLE\n{exc}")
+            code = code or EXIT_UNAVAILABLE
+    finally:
+        reaper.uninstall()
+    return code
+
+
+def cmd_render() -> int:
+    settings = _settings_or_exit()
+    from entrypoint import caddy, webconfig
+
+    print("# ---- Caddyfile ----")
+    print(caddy.render(settings))
+    print("// ---- config.js ----")
+    print(webconfig.render_config_js(settings))
+    return 0
+
+
+def _health_addr() -> Any:
+    from entrypoint.config import parse_host_port
+
+    raw = os.environ.get("POGLY_HEALTH_ADDR", "127.0.0.1:8079").strip()
+    addr = parse_host_port(raw)
+    if addr is None:
+        print(f"POGLY_HEALTH_ADDR={raw!r} is not host:port", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return addr
+
+
+def cmd_probe(which: str, timeout: float) -> int:
+    from entrypoint.health import probe
+
+    return asyncio.run(probe(_health_addr(), which, timeout))
+
+
+def cmd_status(as_json: bool) -> int:
+    from entrypoint.health import fetch_status
+
+    addr = _health_addr()
+    try:
+        data = asyncio.run(fetch_status(addr))
+    except OSError as exc:
+        print(f"no supervisor answers on {addr} ({exc}); is pogly-entrypoint running? "
+              "(set POGLY_HEALTH_ADDR if it listens elsewhere)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_status(data))
+    return 0 if data.get("ready") else 1
+
+
+def format_status(data: dict[str, Any]) -> str:
+    lines = [f"ready: {'yes' if data.get('ready') else 'no'}"]
+    for reason in data.get("not_ready", []):
+        lines.append(f"  not ready: {reason}")
+    lines.append(f"oidc: {data.get('oidc')}")
+    lines.append(f"publisher identity: {data.get('publisher_identity') or '-'}")
+    lines.append("children:")
+    for name, child in data.get("children", {}).items():
+        uptime = child.get("uptime_s")
+        lines.append(f"  {name:<12} {child.get('state'):<9} pid={child.get('pid') or '-'} "
+                     f"restarts={child.get('restarts')} uptime={uptime if uptime is not None else '-'}s"
+                     + (f" last_exit={child['last_exit']}" if child.get("last_exit") else ""))
+    lines.append("modules:")
+    for name, mod in data.get("modules", {}).items():
+        lines.append(f"  {name}: database={mod.get('database_identity') or '-'} "
+                     f"publish={mod.get('publish_result')} hash={(mod.get('published_hash') or '-')[:16]}")
+        lines.append(f"    ownership={mod.get('ownership')} owner={mod.get('owner_identity') or '-'}"
+                     + (f" via {mod['claimed_by']}" if mod.get("claimed_by") else ""))
+    return "\n".join(lines)
+
+
+def cmd_identity(sub: str, issuer: str | None) -> int:
+    from entrypoint.identity import from_claims
+
+    issuer = issuer or os.environ.get("OIDC_ISSUER", "").strip()
+    if not issuer:
+        print("give --issuer or set OIDC_ISSUER", file=sys.stderr)
+        return EXIT_CONFIG
+    print(from_claims(issuer, sub))
+    return 0

@@ -1,0 +1,94 @@
+"""The supervisor's live status: what ``/readyz``, ``/status`` and ``status`` report.
+
+One mutable object owned by the supervisor loop and only read by the health
+server (same thread, same loop), so it needs no locking.  Readiness is derived
+from it rather than stored, so it can never disagree with the parts it sums up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Child states, in the order a healthy child goes through them.
+STARTING = "starting"
+READY = "ready"
+BACKOFF = "backoff"
+STOPPING = "stopping"
+STOPPED = "stopped"
+FAILED = "failed"
+
+
+@dataclass
+class ChildStatus:
+    name: str
+    state: str = STARTING
+    pid: int | None = None
+    restarts: int = 0
+    started_at: float | None = None  # wall clock, for humans
+    last_exit: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["uptime_s"] = round(time.time() - self.started_at, 1) if self.started_at and self.pid else None
+        return data
+
+
+@dataclass
+class ModuleStatus:
+    name: str
+    database_identity: str | None = None
+    published_hash: str | None = None
+    # "pending", "created", "updated", "unchanged", "failed: <message>"
+    publish_result: str = "pending"
+    serving: bool = False
+    ownership: str = "unknown"  # "unclaimed", "claimed", "not-pogly", "disabled", "unknown"
+    owner_identity: str | None = None
+    claimed_by: str | None = None  # how: "auto-claim sub=…", "existing", …
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Status:
+    children: dict[str, ChildStatus] = field(default_factory=dict)
+    modules: dict[str, ModuleStatus] = field(default_factory=dict)
+    oidc: str = "pending"  # "pending", "verified", "unverified", "failed"
+    publisher_identity: str | None = None
+    shutting_down: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    def child(self, name: str) -> ChildStatus:
+        return self.children.setdefault(name, ChildStatus(name))
+
+    def module(self, name: str) -> ModuleStatus:
+        return self.modules.setdefault(name, ModuleStatus(name))
+
+    def not_ready(self) -> list[str]:
+        """Why the container is not ready; empty when it is."""
+        reasons: list[str] = []
+        if self.shutting_down:
+            reasons.append("shutting down")
+        for name in ("spacetimedb", "caddy"):
+            child = self.children.get(name)
+            if child is None or child.state != READY:
+                reasons.append(f"{name}: {child.state if child else 'not started'}")
+        for module in self.modules.values():
+            if not module.serving:
+                reasons.append(f"module {module.name}: {module.publish_result}")
+        return reasons
+
+    def to_json(self) -> dict[str, Any]:
+        reasons = self.not_ready()
+        return {
+            "ready": not reasons,
+            "not_ready": reasons,
+            "shutting_down": self.shutting_down,
+            "oidc": self.oidc,
+            "publisher_identity": self.publisher_identity,
+            "started_at": self.started_at,
+            "children": {k: v.to_json() for k, v in self.children.items()},
+            "modules": {k: v.to_json() for k, v in self.modules.items()},
+        }

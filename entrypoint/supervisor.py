@@ -1,0 +1,228 @@
+"""The order of things, top to bottom: start, get ready, serve, stop.
+
+::
+
+    signals ─► request_stop()            (handlers only set events)
+    run()
+      ├─ health server (/livez now, /readyz when everything below is ready)
+      ├─ _main() in a TaskGroup, all concurrently:
+      │    ├─ SpacetimeDB: start → lock retry → /v1/ping ready → restart policy
+      │    ├─ Caddy: config.js → render → caddy validate → run → ready → restart policy
+      │    ├─ OIDC discovery check (fatal if invalid; unverified keeps serving)
+      │    ├─ lifecycle: after SpacetimeDB is ready → identity → publish → module logs → ownership
+      │    └─ announce "ready" once all of the above are
+      └─ on stop or fatal: cancel _main, then _shutdown():
+           /readyz 503 → Caddy SIGTERM (grace) → SpacetimeDB SIGINT (rest of budget) → exit
+
+Nothing else in the package knows this order.  A signal at any instant only
+sets ``_stop``; whatever ``_main`` was doing is cancelled at its next await,
+and ``_shutdown`` stops exactly the children that exist at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from entrypoint import logs, state
+from entrypoint.config import Settings
+from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
+from entrypoint.process import Reaper, Spawner, spawn
+from entrypoint.services import CaddyService, Service, SpacetimeService
+
+log = logs.get("supervisor")
+STOP_MARGIN = 0.5  # seconds kept back from POGLY_STOP_TIMEOUT for our own exit
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, reaper: Reaper, *, clock: Callable[[], float] = time.monotonic,
+                 spawner: Spawner = spawn) -> None:
+        self.settings = settings
+        self.reaper = reaper
+        self.clock = clock
+        self.status = state.Status()
+        self.spacetime = SpacetimeService(settings, self.status, reaper, clock=clock, spawner=spawner)
+        self.caddy = CaddyService(settings, self.status, reaper, clock=clock, spawner=spawner)
+        self.stop_order: list[Service] = [self.caddy, self.spacetime]
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._modules_ready = asyncio.Event()
+        self._exit_code = 0
+        self._launched = clock()
+
+    # -- signals -----------------------------------------------------------------
+    def request_stop(self, signum: int) -> None:
+        """Signal handler: only records intent (uvicorn's "signals only enqueue")."""
+        name = signal.Signals(signum).name
+        if not self._stop.is_set():
+            log.info("signal.received", signal=name, action="stopping")
+            self._stop.set()
+        elif not self._force.is_set():
+            log.warning("signal.received", signal=name, action="second signal: skipping remaining graces, SIGKILL now")
+            self._force.set()
+
+    # -- main ------------------------------------------------------------------------
+    async def run(self) -> int:
+        health = await self._start_health()
+        main = asyncio.create_task(self._main(), name="main")
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not main.done():
+            main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        await self._shutdown()
+        if health is not None:
+            await health.close()
+        log.info("entrypoint.exit", exit_code=self._exit_code, orphans_reaped=self.reaper.orphans_reaped,
+                 uptime_s=round(self.clock() - self._launched, 3))
+        return self._exit_code
+
+    async def _start_health(self) -> Any:
+        from entrypoint.health import HealthServer
+
+        server = HealthServer(self.status, self.settings.health_addr.host, self.settings.health_addr.port)
+        try:
+            await server.start()
+        except OSError as exc:
+            self._fail(Fatal(EXIT_UNAVAILABLE, f"cannot listen on POGLY_HEALTH_ADDR={self.settings.health_addr}: "
+                             f"{exc}; choose a free loopback port", event="health.listen_failed"))
+            return None
+        return server
+
+    async def _main(self) -> None:
+        try:
+            self._prepare_dirs()
+            self.status.modules.update({m: state.ModuleStatus(m) for m in self.settings.modules})
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.spacetime.supervise(), name="spacetimedb")
+                tasks.create_task(self.caddy.supervise(), name="caddy")
+                tasks.create_task(self._oidc(), name="oidc")
+                tasks.create_task(self._lifecycle(), name="lifecycle")
+                tasks.create_task(self._announce_ready(), name="ready")
+        except* Fatal as group:
+            self._fail(group.exceptions[0])  # type: ignore[arg-type]
+        except* Exception as group:
+            for exc in group.exceptions:
+                log.error("entrypoint.internal_error", error=repr(exc), exc_info=exc)
+            self._exit_code = EXIT_SOFTWARE
+        self._stop.set()
+
+    def _fail(self, fatal: Fatal) -> None:
+        if self._exit_code == 0:
+            self._exit_code = fatal.exit_code
+        log.error(fatal.event, message=fatal.message, exit_code=fatal.exit_code, **fatal.fields)
+        self._stop.set()
+
+    def _prepare_dirs(self) -> None:
+        s = self.settings
+        for var, path, mode in (("POGLY_RUN_DIR", s.run_dir, 0o755), ("POGLY_DATA_DIR", s.data_dir, 0o700),
+                                ("POGLY_CONFIG_DIR", s.config_dir, 0o700)):
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=mode)
+                probe = path / f".pogly-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise Fatal(EXIT_CONFIG, f"{var}={path} is not a writable directory ({exc.strerror}); "
+                            "mount a writable volume there or point the variable elsewhere",
+                            event="config.dir_unwritable") from exc
+
+    async def _announce_ready(self) -> None:
+        await self.spacetime.first_ready.wait()
+        await self.caddy.first_ready.wait()
+        await self._modules_ready.wait()
+        log.info("entrypoint.ready", url=f"http://127.0.0.1:{self.settings.http_port}/",
+                 ready_ms=round((self.clock() - self._launched) * 1000, 1),
+                 modules=list(self.settings.modules))
+
+    async def _oidc(self) -> None:
+        from entrypoint import oidc
+
+        try:
+            report = await oidc.check_provider(self.settings)
+        except oidc.OidcConfigError as exc:
+            self.status.oidc = "failed"
+            raise Fatal(EXIT_CONFIG, str(exc), event="oidc.invalid") from exc
+        except oidc.OidcUnavailable as exc:
+            if self.settings.strict_mode:
+                self.status.oidc = "failed"
+                raise Fatal(EXIT_UNAVAILABLE, f"{exc} (STRICT_MODE=true: refusing to serve unverified)",
+                            event="oidc.unavailable") from exc
+            self.status.oidc = "unverified"
+            log.error("oidc.unverified", issuer=self.settings.oidc_issuer, message=str(exc),
+                      action="serving anyway so overlays stay up; re-checking in the background")
+
+            def verified(_: Any) -> None:
+                self.status.oidc = "verified"
+
+            await oidc.watch_until_valid(self.settings, verified)
+            return
+        self.status.oidc = "verified"
+        del report
+
+    async def _lifecycle(self) -> None:
+        """Publishing and everything that needs the database: runs once SpacetimeDB is first ready."""
+        await self.spacetime.first_ready.wait()
+        import httpx
+
+        from entrypoint import spacetime
+
+        base = self.settings.spacetime_addr.url
+        async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+            spacetime.tighten_key_modes(self.settings.config_dir)
+            publisher = await spacetime.ensure_identity(self.settings, client)
+            self.status.publisher_identity = publisher.identity
+            await spacetime.publish_all(self.settings, self.status, client, publisher)
+            self._modules_ready.set()
+            async with asyncio.TaskGroup() as tasks:
+                for module in self.settings.modules:
+                    tasks.create_task(spacetime.follow_module_logs(self.settings, client, publisher, module),
+                                      name=f"logs:{module}")
+                self._start_ownership(tasks, client, publisher)
+
+    def _start_ownership(self, tasks: asyncio.TaskGroup, client: Any, publisher: Any) -> None:
+        """Seam for the first-user auto-claim (ownership.py)."""
+        try:
+            from entrypoint import ownership
+        except ImportError:
+            return
+        for module in self.settings.modules:
+            tasks.create_task(ownership.watch(self.settings, self.status, client, publisher, module),
+                              name=f"ownership:{module}")
+
+    # -- shutdown --------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        """Reverse order, each child within its grace, all within POGLY_STOP_TIMEOUT."""
+        self.status.shutting_down = True  # /readyz answers 503 from here on
+        deadline = self.clock() + self.settings.stop_timeout - STOP_MARGIN
+        for service in self.stop_order:
+            remaining = max(deadline - self.clock(), 0.0)
+            await service.stop(min(service.grace(), remaining), self._force)
+        if os.getpid() == 1:
+            self._kill_stragglers()
+
+    def _kill_stragglers(self) -> None:
+        """As PID 1, whatever still runs in the namespace dies with us; say so first."""
+        me = os.getpid()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                name = (entry / "comm").read_text().strip()
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except (OSError, IndexError):
+                continue
+            if zombie:
+                continue
+            log.warning("entrypoint.straggler_killed", pid=int(entry.name), comm=name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+        self.reaper.reap()

