@@ -322,6 +322,8 @@ def _issuer(reader: _Reader) -> str:
         reader.fail("OIDC_ISSUER", value, "must not have a query or fragment (OpenID Discovery §3)")
     elif _UNSAFE_CHARS.search(value):
         reader.fail("OIDC_ISSUER", value, "must not contain whitespace, quotes, braces or control characters")
+    elif parts.username is not None or parts.password is not None:
+        reader.fail("OIDC_ISSUER", value, "must not contain credentials (user:password@); they would be logged")
     return value
 
 
@@ -375,6 +377,8 @@ def load(env: Mapping[str, str] | None = None,
     if strict and allow_http:
         r.fail("OIDC_ALLOW_HTTP", r.raw("OIDC_ALLOW_HTTP"),
                "is refused under STRICT_MODE=true: use an https issuer, or turn STRICT_MODE off for local use")
+    if strict and issuer.startswith("http://"):
+        r.fail("OIDC_ISSUER", issuer, "must be https under STRICT_MODE=true (browsers send tokens to it)")
     platform = r.choice("STREAM_PLATFORM", "twitch", PLATFORMS)
     stream_name = r.raw("STREAM_NAME") or "bobross"
     pattern, what = _STREAM_NAME[platform]

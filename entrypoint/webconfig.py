@@ -1,0 +1,196 @@
+"""Runtime configuration for the browser: ``/config.js`` and the ``index.html`` hook.
+
+Why a script file at runtime: the upstream Pogly build hard-codes its OIDC
+authority and client ID, so one image could only ever talk to one provider.
+Writing ``config.js`` at startup from the environment lets the same image serve
+any provider, and patching ``index.html`` to load it means a stock upstream
+build picks it up too, without a rebuild.
+
+``config.js`` defines exactly one global::
+
+    window.POGLY_RUNTIME_CONFIG = Object.freeze({
+      "configVersion": 1,          // bumped only on an incompatible change of these keys
+      "oidcIssuer": "...",         // OIDC_ISSUER, verbatim: oidc-client-ts "authority"
+      "oidcClientId": "...",       // OIDC_CLIENT_ID: oidc-client-ts "client_id"
+      "streamPlatform": "twitch",  // STREAM_PLATFORM: twitch | youtube | kick
+      "streamName": "..."          // STREAM_NAME: login, video/channel ID or handle
+    });
+
+The issuer is passed verbatim (never slash-normalised) because the browser's
+authority and the ``iss`` SpacetimeDB sees must be the same string.
+
+Why the escaping: the values are operator-controlled but end up in a script,
+and ``config.js`` may also be inlined into a page one day.  JSON with
+``<``, ``>``, ``&``, U+2028 and U+2029 written as ``\\uXXXX`` cannot close a
+``<script>`` element, open an HTML comment, or end a JavaScript string early in
+older engines, whatever the value contains, and parses back to the exact
+original string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import structlog
+
+from .config import Settings
+from .fsutil import atomic_write
+
+log = structlog.get_logger("webconfig")
+
+CONFIG_JS_NAME = "config.js"
+CONFIG_JS_URL = "/config.js"
+GLOBAL_NAME = "POGLY_RUNTIME_CONFIG"
+CONFIG_VERSION = 1
+SCRIPT_TAG = f'<script src="{CONFIG_JS_URL}"></script>'
+
+_SCRIPT_SAFE = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_SCRIPT_SAFE_RE = re.compile("[<>&\u2028\u2029]")
+# src="/config.js", src='config.js?v=2', src=./config.js … all load our file.
+_LOADS_CONFIG = re.compile(r"^(?:\./|/)?config\.js(?:[?#].*)?$", re.IGNORECASE)
+
+
+def runtime_config(settings: Settings) -> dict[str, object]:
+    """The object the browser sees, as a plain dict (key names documented above)."""
+    return {
+        "configVersion": CONFIG_VERSION,
+        "oidcIssuer": settings.oidc_issuer,
+        "oidcClientId": settings.oidc_client_id,
+        "streamPlatform": settings.stream_platform,
+        "streamName": settings.stream_name,
+    }
+
+
+def script_safe_json(value: object) -> str:
+    """JSON that is also safe anywhere inside an HTML ``<script>`` element.
+
+    The replaced characters can only occur inside JSON strings, where the
+    ``\\uXXXX`` form means the same character, so a blind replacement is exact.
+    """
+    text = json.dumps(value, ensure_ascii=True, indent=2, allow_nan=False)
+    return _SCRIPT_SAFE_RE.sub(lambda m: _SCRIPT_SAFE[m.group(0)], text)
+
+
+def render_config_js(settings: Settings) -> str:
+    """The full text of ``config.js``."""
+    body = script_safe_json(runtime_config(settings))
+    return (
+        "// Written by pogly-entrypoint at every start from the container's environment; do not edit.\n"
+        f"window.{GLOBAL_NAME} = Object.freeze({body});\n"
+    )
+
+
+def write_config_js(settings: Settings) -> Path:
+    """Write ``config.js`` into ``settings.run_dir`` atomically and return its path.
+
+    Atomic because Caddy may serve it to a browser at any moment: a reader gets
+    the old file or the new one, never half of one.
+    """
+    path = settings.run_dir / CONFIG_JS_NAME
+    atomic_write(path, render_config_js(settings), mode=0o644)
+    return path
+
+
+class _IndexScanner(HTMLParser):
+    """Finds where to insert the tag, using a real tokenizer so comments and
+    attribute values containing ``<script`` do not fool it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.loads_config = False
+        self.in_head = False
+        self.first_head_script: tuple[int, int] | None = None
+        self.head_end: tuple[int, int] | None = None
+        self.first_script: tuple[int, int] | None = None
+        self.body_start: tuple[int, int] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "head":
+            self.in_head = True
+        elif tag == "body" and self.body_start is None:
+            self.body_start = self.getpos()
+        elif tag == "script":
+            src = dict(attrs).get("src") or ""
+            if _LOADS_CONFIG.match(src.strip()):
+                self.loads_config = True
+            if self.first_script is None:
+                self.first_script = self.getpos()
+            if self.in_head and self.first_head_script is None:
+                self.first_head_script = self.getpos()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "head" and self.in_head:
+            self.in_head = False
+            if self.head_end is None:
+                self.head_end = self.getpos()
+
+
+def _offset(text: str, pos: tuple[int, int]) -> int:
+    line, col = pos
+    offset = 0
+    for _ in range(line - 1):
+        offset = text.index("\n", offset) + 1
+    return offset + col
+
+
+def inject_config_script(html: str) -> str | None:
+    """``html`` with the ``config.js`` tag inserted, or ``None`` if it already loads it.
+
+    Placement: before the first ``<script`` in ``<head>`` so the config exists
+    before the app's own code runs; else before ``</head>``; else (no head
+    element written out) before the first script, the ``<body>``, or at the end.
+    """
+    scanner = _IndexScanner()
+    scanner.feed(html)
+    scanner.close()
+    if scanner.loads_config:
+        return None
+    where = scanner.first_head_script or scanner.head_end or scanner.first_script or scanner.body_start
+    at = _offset(html, where) if where else len(html)
+    return html[:at] + SCRIPT_TAG + html[at:]
+
+
+def ensure_index_loads_config(web_root: Path) -> bool:
+    """Make ``web_root/index.html`` load ``/config.js``; idempotent and atomic.
+
+    Returns ``True`` when ``index.html`` now loads ``/config.js`` (patched now
+    or already), ``False`` when there is nothing to patch (no ``index.html``)
+    or it could not be written (e.g. a read-only web root): the overlay still
+    serves, only the runtime config is not used, so the caller logs rather than
+    exits.  The untouched original is kept once as ``index.html.orig`` (never
+    overwritten, so it stays the upstream file across restarts).  Events:
+    ``webconfig.index_patched``, ``webconfig.index_missing``,
+    ``webconfig.index_unwritable``.
+    """
+    index = web_root / "index.html"
+    try:
+        raw = index.read_bytes()
+    except FileNotFoundError:
+        log.warning("webconfig.index_missing", path=str(index))
+        return False
+    # surrogateescape keeps any non-UTF-8 bytes exactly as they were.
+    html = raw.decode("utf-8", errors="surrogateescape")
+    patched = inject_config_script(html)
+    if patched is None:
+        return True
+    try:
+        mode = os.stat(index).st_mode & 0o777
+        original = web_root / "index.html.orig"
+        if not original.exists():
+            atomic_write(original, raw, mode=mode)
+        atomic_write(index, patched.encode("utf-8", errors="surrogateescape"), mode=mode)
+    except OSError as exc:
+        log.warning("webconfig.index_unwritable", path=str(index), error=str(exc))
+        return False
+    log.info("webconfig.index_patched", path=str(index))
+    return True
