@@ -30,7 +30,7 @@ _FALSE = {"false", "0", "no"}
 
 # Characters that could end a Caddyfile token, start a placeholder or a
 # comment, or smuggle a new line: none of them may reach the template.
-_UNSAFE_CHARS = re.compile(r"[\s\"'`\\{}\x00-\x1f\x7f]")
+_UNSAFE_CHARS = re.compile(r"[\s\"'`\\{}\x00-\x1f\x7f-\x9f]")
 _MODULE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$")
 _STREAM_NAME = {
@@ -289,7 +289,11 @@ def _origin(reader: _Reader, name: str) -> str | None:
     value = reader.raw(name)
     if not value:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        reader.fail(name, value, "is not a valid URL; give the public origin, e.g. https://overlay.example.com")
+        return None
     ok = (
         parts.scheme in ("http", "https")
         and parts.hostname is not None
@@ -315,7 +319,11 @@ def _issuer(reader: _Reader) -> str:
                             "e.g. https://auth.example.com/application/o/pogly/")
     if not value:
         return value
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        reader.fail("OIDC_ISSUER", value, "is not a valid URL, e.g. https://auth.example.com/realms/pogly")
+        return value
     if parts.scheme not in ("http", "https") or not parts.hostname:
         reader.fail("OIDC_ISSUER", value, "must be an http(s) URL, e.g. https://auth.example.com/realms/pogly")
     elif parts.query or parts.fragment or "?" in value or "#" in value:

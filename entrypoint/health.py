@@ -1,0 +1,322 @@
+"""The supervisor's loopback health server: ``/livez``, ``/readyz`` and ``/status``.
+
+Why our own tiny HTTP/1.1 server on h11 (already installed through httpx) rather
+than a web framework: PID 1 should carry as little as possible, and three
+read-only JSON endpoints do not need routing, middleware or a second event loop.
+It runs inside the supervisor's asyncio loop, so ``/livez`` answering *is* the
+proof that the loop is alive, and it reads the same ``Status`` object the
+supervisor mutates (same thread: no locking).
+
+Caddy proxies ``/livez`` and ``/readyz`` to it on the public port, so
+Kubernetes can probe ``http://pod:80/readyz``; ``/status`` (identities, child
+PIDs, module hashes) is only answered here, on the loopback address.
+
+Defensive limits, since anything on the pod network that reaches this port is
+untrusted: bounded header size, no request bodies worth the name, a deadline
+for each request and for idle keep-alive connections, a cap on concurrent
+connections and on requests per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from http import HTTPStatus
+from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit
+
+import h11
+import httpx
+
+from .config import HostPort
+from .state import Status
+
+MAX_HEADER_BYTES = 8 * 1024
+MAX_BODY_BYTES = 1024
+REQUEST_TIMEOUT = 5.0  # from a request's first byte to its end
+IDLE_TIMEOUT = 60.0  # keep-alive: longer than Caddy's upstream keepalive (30 s in the template)
+WRITE_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+MAX_REQUESTS_PER_CONNECTION = 1000
+READ_CHUNK = 4096
+
+PATHS = ("/livez", "/readyz", "/status")
+_BUSY_BODY = b'{"error":"too many connections"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+         b"content-length: " + str(len(_BUSY_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BUSY_BODY)
+
+
+class HealthError(Exception):
+    """The health server could not be reached or gave an unusable answer."""
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=False).encode()
+
+
+def answer(status: Status, path: str) -> tuple[int, bytes]:
+    """Status code and JSON body for ``path``: pure, so it is tested without sockets."""
+    if path == "/livez":
+        return 200, _json({"status": "alive"})
+    if path == "/readyz":
+        reasons = status.not_ready()
+        if reasons:
+            return 503, _json({"status": "not ready", "not_ready": reasons,
+                               "shutting_down": status.shutting_down})
+        return 200, _json({"status": "ready"})
+    if path == "/status":
+        return 200, _json(status.to_json())
+    return 404, _json({"error": "not found", "paths": list(PATHS)})
+
+
+def _request_path(target: bytes) -> str:
+    text = target.decode("ascii", "replace")
+    if not text.startswith("/"):  # absolute-form (a proxy-style request) or "*"
+        text = urlsplit(text).path or text
+    return text.split("?", 1)[0]
+
+
+class HealthServer:
+    """HTTP/1.1 server for the probes, bound to ``host:port`` (port 0 = any free port)."""
+
+    def __init__(self, status: Status, host: str, port: int, *,
+                 request_timeout: float = REQUEST_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.status = status
+        self.host = host
+        self._port = port
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._server: asyncio.Server | None = None
+        # Connection task -> its writer, so close() can end both.
+        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with 0, once started)."""
+        if self._server is not None and self._server.sockets:
+            return int(self._server.sockets[0].getsockname()[1])
+        return self._port
+
+    @property
+    def address(self) -> HostPort:
+        return HostPort(self.host, self.port)
+
+    async def start(self) -> None:
+        """Bind and start accepting; raises ``OSError`` if the address is taken."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._accept, self.host, self._port,
+                                                  limit=MAX_HEADER_BYTES * 2)
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections (probes just reconnect elsewhere)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._port = int(server.sockets[0].getsockname()[1]) if server.sockets else self._port
+        server.close()
+        # Closing the transports ends any pending read; cancelling covers the rest.
+        # (asyncio.timeout rather than wait_for: 3.11's wait_for can swallow a cancel.)
+        for task, writer in list(self._conns.items()):
+            writer.transport.abort()
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await server.wait_closed()
+
+    async def __aenter__(self) -> HealthServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- connections -------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always set inside a callback task
+            return
+        if len(self._conns) >= self.max_connections:
+            # Answer without reading the request, then close: a clear 503
+            # rather than a reset for the client that came one too many.
+            writer.write(_BUSY)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
+            writer.close()
+            return
+        self._conns[task] = writer
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, TimeoutError, h11.LocalProtocolError):
+            pass
+        except asyncio.CancelledError:
+            # close() cancels connection tasks; ending quietly keeps asyncio's
+            # server callback from logging the cancellation as an error.
+            pass
+        finally:
+            self._conns.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        loop = asyncio.get_running_loop()
+        for served in range(MAX_REQUESTS_PER_CONNECTION):
+            deadline: float | None = None  # set once the request's first byte arrives
+            request: h11.Request | None = None
+            body = 0
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    await self._send_error(conn, writer, exc.error_status_hint, "bad request")
+                    return
+                if event is h11.NEED_DATA:
+                    if deadline is None and conn.trailing_data[0]:
+                        deadline = loop.time() + self.request_timeout
+                    wait = self.idle_timeout if deadline is None else deadline - loop.time()
+                    try:
+                        async with asyncio.timeout(max(wait, 0.0)):
+                            data = await reader.read(READ_CHUNK)
+                    except TimeoutError:
+                        if deadline is not None:
+                            await self._send_error(conn, writer, 408, "request timeout")
+                        return
+                    if deadline is None and data:
+                        deadline = loop.time() + self.request_timeout
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > MAX_BODY_BYTES:
+                        await self._send_error(conn, writer, 413, "request body too large")
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+            assert request is not None
+            last = served == MAX_REQUESTS_PER_CONNECTION - 1
+            await self._respond(conn, writer, request, close=last)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                       request: h11.Request, *, close: bool) -> None:
+        method = request.method.upper()
+        path = _request_path(request.target)
+        extra: list[tuple[bytes, bytes]] = []
+        if path in PATHS and method not in (b"GET", b"HEAD"):
+            code, body = 405, _json({"error": "method not allowed"})
+            extra.append((b"allow", b"GET, HEAD"))
+        else:
+            code, body = answer(self.status, path)
+        await self._send(conn, writer, code, body, head=method == b"HEAD", close=close, extra=extra)
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, code: int, body: bytes,
+                    *, head: bool = False, close: bool = False,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+            *(extra or []),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        try:
+            reason = HTTPStatus(code).phrase.encode()
+        except ValueError:
+            reason = b""
+        out = conn.send(h11.Response(status_code=code, headers=headers, reason=reason)) or b""
+        if not head:
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+        writer.write(out)
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.drain()
+
+    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                          code: int, message: str) -> None:
+        # h11 lets a server answer from IDLE too (a request it could not parse).
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with contextlib.suppress(h11.LocalProtocolError, ConnectionError, TimeoutError):
+            await self._send(conn, writer, code, _json({"error": message}), close=True)
+
+
+# -- clients -----------------------------------------------------------------
+
+
+def _connect_host(addr: HostPort) -> HostPort:
+    """A wildcard bind address is reached through loopback."""
+    if addr.host in ("0.0.0.0", ""):
+        return HostPort("127.0.0.1", addr.port)
+    if addr.host == "::":
+        return HostPort("::1", addr.port)
+    return addr
+
+
+async def _get(addr: HostPort, path: str, timeout: float) -> httpx.Response:
+    # trust_env=False: an HTTP(S)_PROXY in the container must not capture loopback probes.
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+        return await client.get(f"{_connect_host(addr).url}{path}")
+
+
+async def probe(addr: HostPort, which: Literal["ready", "live"], timeout: float = 2.0,
+                out: TextIO | None = None) -> int:
+    """Exit status for ``pogly-entrypoint probe ready|live``: 0 on HTTP 200, else 1.
+
+    Writes a one-line reason to ``out`` when given (Docker keeps a HEALTHCHECK's
+    output in ``docker inspect``).
+    """
+    if which not in ("ready", "live"):
+        raise ValueError(f"probe: expected 'ready' or 'live', got {which!r}")
+    path = "/readyz" if which == "ready" else "/livez"
+    try:
+        response = await _get(addr, path, timeout)
+    except (httpx.HTTPError, OSError) as exc:
+        if out is not None:
+            print(f"{which}: cannot reach {_connect_host(addr)}{path}: {exc or type(exc).__name__}", file=out)
+        return 1
+    if out is not None:
+        print(f"{which}: HTTP {response.status_code} {response.text.strip()}", file=out)
+    return 0 if response.status_code == 200 else 1
+
+
+async def fetch_status(addr: HostPort, timeout: float = 2.0) -> dict[str, Any]:
+    """``GET /status`` from the health server, for ``pogly-entrypoint status``."""
+    try:
+        response = await _get(addr, "/status", timeout)
+    except (httpx.HTTPError, OSError) as exc:
+        raise HealthError(f"cannot reach the health server at {_connect_host(addr)}: "
+                          f"{exc or type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise HealthError(f"/status answered HTTP {response.status_code}: {response.text[:200]}")
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise HealthError(f"/status did not answer JSON: {response.text[:200]!r}") from exc
+    if not isinstance(data, dict):
+        raise HealthError(f"/status answered {type(data).__name__}, not an object")
+    return data
+
+
+def main_probe(addr: HostPort, which: Literal["ready", "live"], timeout: float = 2.0) -> int:
+    """Synchronous wrapper for the CLI verb (no event loop is running there)."""
+    return asyncio.run(probe(addr, which, timeout, out=sys.stdout))
