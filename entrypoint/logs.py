@@ -68,6 +68,16 @@ def _default_service(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
+_FIRST = ("ts", "level", "event", "service")
+
+
+def _order_keys(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Put ts, level, event, service first so a human scanning JSON lines reads them in order."""
+    ordered = {k: event[k] for k in _FIRST if k in event}
+    ordered.update((k, v) for k, v in event.items() if k not in ordered)
+    return ordered
+
+
 def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = None) -> None:
     """Set up structlog: JSON lines unless ``fmt`` asks for console (or auto on a TTY)."""
     stream = stream or sys.stdout
@@ -86,6 +96,7 @@ def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = No
             _default_service,
             structlog.processors.format_exc_info,
             _redact_processor,
+            _order_keys,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(10 if debug else 20),

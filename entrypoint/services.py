@@ -51,6 +51,8 @@ class Service:
         self.policy = policy or RestartPolicy()
         self.child: Child | None = None
         self.first_ready = asyncio.Event()
+        self.generation = 0  # how many runs became ready; lets others react to a restart
+        self._ready_changed = asyncio.Condition()
         self._ready = asyncio.Event()
         self._redactors: dict[str, logs.LineRedactor] = {}
         self._tail: list[str] = []  # last lines, quoted when the child fails
@@ -90,8 +92,17 @@ class Service:
             else:
                 log.info("child.ready", child=self.name, pid=child.pid)
             self.first_ready.set()
+            self.generation += 1
+            async with self._ready_changed:
+                self._ready_changed.notify_all()
             code = await child.wait()
             await self._after_death(child, code, was_ready=True)
+
+    async def ready_after(self, generation: int) -> int:
+        """Wait until a run later than ``generation`` is ready; return its generation."""
+        async with self._ready_changed:
+            await self._ready_changed.wait_for(lambda: self.generation > generation)
+            return self.generation
 
     async def start_ready(self) -> Child:
         """Start the child until one run becomes ready (deaths before ready are retried)."""
@@ -318,7 +329,12 @@ class SpacetimeService(Service):
             return False
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
+            return False
+        # Ours means: re-parented to us (we are PID 1 or its subreaper) after the
+        # run that started it died.  Anything else belongs to someone else: wait.
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) != os.getpid():
             return False
         data_dir = str(self.settings.data_dir).encode()
         if b"start" not in cmdline or not any(
@@ -365,9 +381,7 @@ class CaddyService(Service):
         from entrypoint.process import run_capture
 
         webconfig.write_config_js(self.settings)
-        changed = webconfig.ensure_index_loads_config(self.settings.web_root)
-        if changed:
-            log.info("webconfig.index_patched", web_root=str(self.settings.web_root))
+        webconfig.ensure_index_loads_config(self.settings.web_root)  # logs what it did
         try:
             text = caddy.render(self.settings)
         except Exception as exc:  # template errors are configuration errors

@@ -183,10 +183,25 @@ class Supervisor:
             await spacetime.publish_all(self.settings, self.status, client, publisher)
             self._modules_ready.set()
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._republish_after_restarts(client, publisher), name="republish")
                 for module in self.settings.modules:
                     tasks.create_task(spacetime.follow_module_logs(self.settings, client, publisher, module),
                                       name=f"logs:{module}")
                 self._start_ownership(tasks, client, publisher)
+
+    async def _republish_after_restarts(self, client: Any, publisher: Any) -> None:
+        """After SpacetimeDB restarts, make sure every module is still there.
+
+        A crash within the server's 500 ms sync window can lose a database created
+        just before it; ``publish_all`` skips what is present and unchanged, so
+        this costs one identity lookup per module when nothing was lost.
+        """
+        from entrypoint import spacetime
+
+        generation = self.spacetime.generation
+        while True:
+            generation = await self.spacetime.ready_after(generation)
+            await spacetime.publish_all(self.settings, self.status, client, publisher)
 
     def _start_ownership(self, tasks: asyncio.TaskGroup, client: Any, publisher: Any) -> None:
         """Seam for the first-user auto-claim (ownership.py)."""

@@ -6,6 +6,7 @@ deadline; nothing sleeps a fixed time to "let things settle".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -89,6 +90,26 @@ def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, grandchildren, re-parented orphans)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
 
 
 class Running:
@@ -188,8 +209,13 @@ class Running:
             raise AssertionError("entrypoint did not exit:\n" + "\n".join(self.raw[-40:])) from None
 
     def kill(self) -> None:
+        """Kill the entrypoint and every descendant, so a failed test leaves no server behind."""
         if self.proc.poll() is None:
+            doomed = descendants(self.proc.pid)
             self.proc.kill()
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def __enter__(self) -> Running:
