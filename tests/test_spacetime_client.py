@@ -636,7 +636,7 @@ def test_publish_create_skip_update(tmp_path: Path) -> None:
     assert status.module("pogly").publish_result == "updated"
     assert mock.dbs["pogly"]["config"]["StreamName"] == "changed_by_owner"
     assert mock.sql_log == []
-    assert [r for r in mock.requests if r[0] == "PUT"] == [("PUT", "/v1/database/pogly"),
+    assert sorted(r for r in mock.requests if r[0] == "PUT") == [("PUT", "/v1/database/pogly"),
                                                              ("PUT", "/v1/database/second")]
 
 
