@@ -237,6 +237,22 @@ def offending_lines(message: str, path: Path, text: str) -> list[tuple[int, str]
     return found
 
 
+def validation_key(settings: Settings, text: str) -> str:
+    """Identifies "this Caddyfile, checked by this caddy binary", so a restart can skip re-validating.
+
+    ``caddy validate`` costs a few hundred milliseconds of start-up; the answer
+    cannot change unless the file or the binary does.
+    """
+    import hashlib
+
+    try:
+        st = os.stat(settings.caddy_bin)
+        binary = f"{settings.caddy_bin}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    except OSError:
+        binary = settings.caddy_bin
+    return hashlib.sha256(f"{binary}\n{text}".encode()).hexdigest()
+
+
 async def validate(settings: Settings, path: Path, runner: Runner,
                    base_env: Mapping[str, str] | None = None,
                    timeout: float = VALIDATE_TIMEOUT) -> None:

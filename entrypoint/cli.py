@@ -108,10 +108,12 @@ async def _run(settings: Any, pending: list[int]) -> int:
                     "orphans of our children will not be reaped by us")
     log.info("entrypoint.start", version=__import__("entrypoint").__version__, pid=os.getpid(), reaper=role,
              issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
-    try:
-        return await supervisor.run()
-    finally:
-        reaper.uninstall()
+    code = await supervisor.run()
+    # Every child is gone and every file was written atomically: skip the
+    # interpreter's teardown (~150 ms of module finalisation) and exit now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_check() -> int:

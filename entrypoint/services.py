@@ -21,6 +21,7 @@ from typing import Any
 from entrypoint import logs, state
 from entrypoint.config import Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
+from entrypoint.fsutil import atomic_write
 from entrypoint.process import Child, ChildSpec, Reaper, Spawner, describe_exit, exit_status, spawn
 from entrypoint.restart import RestartPolicy
 
@@ -51,6 +52,7 @@ class Service:
         self.policy = policy or RestartPolicy()
         self.child: Child | None = None
         self.first_ready = asyncio.Event()
+        self.stopping = False  # set by the supervisor at shutdown: never start or restart again
         self.generation = 0  # how many runs became ready; lets others react to a restart
         self._ready_changed = asyncio.Condition()
         self._ready = asyncio.Event()
@@ -118,6 +120,8 @@ class Service:
                 await self._after_death(child, died.code, was_ready=False)
 
     def _start(self) -> Child | None:
+        if self.stopping:
+            raise asyncio.CancelledError
         spec = self.spec()
         self._ready.clear()
         self._redactors = {"stdout": logs.LineRedactor(), "stderr": logs.LineRedactor()}
@@ -388,6 +392,14 @@ class CaddyService(Service):
             raise Fatal(EXIT_CONFIG, f"could not render Caddyfile.j2: {exc}", event="caddy.render_failed") from exc
         path = caddy.write(self.settings, text)
 
+        self.caddyfile = path
+        stamp = path.with_name(path.name + ".validated")
+        key = caddy.validation_key(self.settings, text)
+        with contextlib.suppress(OSError):
+            if stamp.read_text() == key:
+                log.info("caddy.validate_skipped", reason="this Caddyfile was validated by this caddy binary")
+                return
+
         async def runner(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, bytes, bytes]:
             return await run_capture(argv, env, timeout, self.reaper)
 
@@ -395,7 +407,13 @@ class CaddyService(Service):
             await caddy.validate(self.settings, path, runner)
         except caddy.CaddyConfigError as exc:
             raise Fatal(EXIT_CONFIG, str(exc), event="caddy.invalid_config") from exc
-        self.caddyfile = path
+        except OSError as exc:
+            raise Fatal(EXIT_CONFIG, f"cannot run CADDY_BIN={self.settings.caddy_bin}: {exc}",
+                        event="caddy.not_executable") from exc
+        except TimeoutError as exc:
+            raise Fatal(EXIT_UNAVAILABLE, "`caddy validate` did not finish in time",
+                        event="caddy.validate_timeout") from exc
+        atomic_write(stamp, key)
 
     def spec(self) -> ChildSpec:
         from entrypoint import caddy

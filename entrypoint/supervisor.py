@@ -69,16 +69,18 @@ class Supervisor:
 
     # -- main ------------------------------------------------------------------------
     async def run(self) -> int:
+        main = asyncio.create_task(self._main(), name="main")  # children first: probes can wait a few ms
         health = await self._start_health()
-        main = asyncio.create_task(self._main(), name="main")
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        for service in self.stop_order:
+            service.stopping = True  # no restart from here on, whatever the cancelled tasks were doing
         if not main.done():
             main.cancel()
+        await self._shutdown()  # concurrently with main's cancellation: exit as soon as children are gone
         with contextlib.suppress(asyncio.CancelledError):
             await main
-        await self._shutdown()
         if health is not None:
             await health.close()
         log.info("entrypoint.exit", exit_code=self._exit_code, orphans_reaped=self.reaper.orphans_reaped,
