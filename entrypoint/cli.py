@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="exit 0 when ready/live, 1 otherwise (Kubernetes exec probes, HEALTHCHECK)")
     pr.add_argument("which", choices=("ready", "live"))
     pr.add_argument("--timeout", type=float, default=2.0)
+    oc = sub.add_parser("oidc-check", help="(internal) one OIDC discovery check, result as JSON on stdout")
+    oc.add_argument("--timeout", type=float, help="seconds (default: OIDC_DISCOVERY_TIMEOUT)")
     ident = sub.add_parser("identity", help="print the SpacetimeDB identity an OIDC subject will have")
     ident.add_argument("--sub", required=True, help="the 'sub' claim")
     ident.add_argument("--issuer", help="the 'iss' claim (default: OIDC_ISSUER)")
@@ -57,6 +59,8 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
             return cmd_probe(args.which, args.timeout)
         if command == "identity":
             return cmd_identity(args.sub, args.issuer)
+        if command == "oidc-check":
+            return cmd_oidc_check(args.timeout)
     except KeyboardInterrupt:
         return 130
     return EXIT_SOFTWARE
@@ -234,6 +238,30 @@ def format_status(data: dict[str, Any]) -> str:
         lines.append(f"    ownership={mod.get('ownership')} owner={mod.get('owner_identity') or '-'}"
                      + (f" via {mod['claimed_by']}" if mod.get("claimed_by") else ""))
     return "\n".join(lines)
+
+
+def cmd_oidc_check(timeout: float | None) -> int:
+    """One discovery check in a process of its own (see supervisor._oidc for why).
+
+    Progress events go to stderr as JSON lines, which the supervisor relays into
+    its own log; the verdict is one JSON object on stdout; the exit code is 0,
+    78 (the provider's answer is wrong) or 69 (no usable answer in time).
+    """
+    settings = _settings_or_exit()
+    from dataclasses import replace
+
+    from entrypoint import logs, oidc
+
+    logs.configure("json", settings.debug_mode, stream=sys.stderr)
+    if timeout is not None:
+        settings = replace(settings, oidc_discovery_timeout=timeout)
+    try:
+        report = asyncio.run(oidc.check_provider(settings))
+    except oidc.OidcError as exc:
+        print(json.dumps({"ok": False, "reason": exc.reason, "message": str(exc)}))
+        return exc.exit_code
+    print(json.dumps({"ok": True, "report": report.to_json()}))
+    return 0
 
 
 def cmd_identity(sub: str, issuer: str | None) -> int:

@@ -156,7 +156,10 @@ def child_event(service: str, stream: str, text: str) -> tuple[str, dict[str, An
             data = None
         if isinstance(data, dict):
             level = _LEVELS.get(str(data.pop("level", "info")).lower(), "info")
-            message = data.pop("msg", None) or data.pop("message", None) or ""
+            # Caddy says "msg"; module and tracing lines "message"; our own helper processes "event".
+            message = data.pop("msg", None) or data.pop("message", None) or data.pop("event", None) or ""
+            if data.get("service") == "entrypoint":  # one of our own helper processes
+                data.pop("service")
             if "ts" in data:
                 fields["child_ts"] = data.pop("ts")
             for key, value in data.items():

@@ -351,4 +351,7 @@ async def run_capture(
     except TimeoutError:
         await child.stop(0)
         code = -signal.SIGKILL
+    except asyncio.CancelledError:
+        child.signal_group(signal.SIGKILL)  # a shutdown must not leave it behind; the reaper collects it
+        raise
     return code, b"".join(chunks["stdout"]), b"".join(chunks["stderr"])

@@ -55,7 +55,7 @@ class ModuleStatus:
 class Status:
     children: dict[str, ChildStatus] = field(default_factory=dict)
     modules: dict[str, ModuleStatus] = field(default_factory=dict)
-    oidc: str = "pending"  # "pending", "verified", "unverified", "failed"
+    oidc: str = "pending"  # "pending", "verified", "unverified" (unreachable; re-checking), "failed"
     publisher_identity: str | None = None
     shutting_down: bool = False
     started_at: float = field(default_factory=time.time)
@@ -71,6 +71,8 @@ class Status:
         reasons: list[str] = []
         if self.shutting_down:
             reasons.append("shutting down")
+        if self.oidc == "pending":  # a provider that answers wrongly must fail us before we serve
+            reasons.append("oidc: checking the provider")
         for name in ("spacetimedb", "caddy"):
             child = self.children.get(name)
             if child is None or child.state != READY:

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +56,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._modules_ready = asyncio.Event()
+        self._oidc_checked = asyncio.Event()
         self._exit_code = 0
         self._launched = clock()
 
@@ -141,34 +145,60 @@ class Supervisor:
         await self.spacetime.first_ready.wait()
         await self.caddy.first_ready.wait()
         await self._modules_ready.wait()
-        log.info("entrypoint.ready", url=f"http://127.0.0.1:{self.settings.http_port}/",
+        await self._oidc_checked.wait()
+        log.info("entrypoint.ready", oidc=self.status.oidc, url=f"http://127.0.0.1:{self.settings.http_port}/",
                  ready_ms=round((self.clock() - self._launched) * 1000, 1),
                  modules=list(self.settings.modules))
 
     async def _oidc(self) -> None:
-        from entrypoint import oidc
+        """Check the OIDC provider; fatal if its answer is wrong, "unverified" if it is unreachable.
 
-        try:
-            report = await oidc.check_provider(self.settings)
-        except oidc.OidcConfigError as exc:
-            self.status.oidc = "failed"
-            raise Fatal(EXIT_CONFIG, str(exc), event="oidc.invalid") from exc
-        except oidc.OidcUnavailable as exc:
-            if self.settings.strict_mode:
-                self.status.oidc = "failed"
-                raise Fatal(EXIT_UNAVAILABLE, f"{exc} (STRICT_MODE=true: refusing to serve unverified)",
-                            event="oidc.unavailable") from exc
-            self.status.oidc = "unverified"
-            log.error("oidc.unverified", issuer=self.settings.oidc_issuer, message=str(exc),
-                      action="serving anyway so overlays stay up; re-checking in the background")
-
-            def verified(_: Any) -> None:
-                self.status.oidc = "verified"
-
-            await oidc.watch_until_valid(self.settings, verified)
+        The check runs in a short-lived process of its own (``oidc-check``):
+        authlib, joserfc and cryptography cost PID 1 about 10 MB of resident
+        memory for its whole life if imported here, for a check that runs once.
+        """
+        code, result = await self._oidc_check(self.settings.oidc_discovery_timeout)
+        if code == 0:
+            self.status.oidc = "verified"
+            self._oidc_checked.set()
             return
-        self.status.oidc = "verified"
-        del report
+        message = str(result.get("message") or f"oidc-check exited {code}")
+        if code == EXIT_CONFIG:
+            self.status.oidc = "failed"
+            raise Fatal(EXIT_CONFIG, message, event="oidc.invalid", reason=result.get("reason"))
+        if self.settings.strict_mode:
+            self.status.oidc = "failed"
+            raise Fatal(EXIT_UNAVAILABLE, f"{message} (STRICT_MODE=true: refusing to serve unverified)",
+                        event="oidc.unavailable")
+        self.status.oidc = "unverified"
+        self._oidc_checked.set()
+        log.error("oidc.unverified", issuer=self.settings.oidc_issuer, message=message,
+                  action="serving anyway so overlays stay up; re-checking in the background")
+        delay = 5.0
+        while True:
+            await asyncio.sleep(delay * (0.75 + random.random() / 2))
+            code, result = await self._oidc_check(min(self.settings.oidc_discovery_timeout, 30.0))
+            if code == 0:
+                self.status.oidc = "verified"
+                return
+            if code == EXIT_CONFIG:
+                log.error("oidc.invalid", message=result.get("message"), action="still serving; re-checking")
+            delay = min(delay * 2, 60.0)
+
+    async def _oidc_check(self, timeout: float) -> tuple[int, dict[str, Any]]:
+        from entrypoint.process import run_capture
+
+        argv = [sys.executable, "-m", "entrypoint", "oidc-check", "--timeout", f"{timeout:g}"]
+        code, out, err = await run_capture(argv, dict(os.environ), timeout + 10.0, self.reaper)
+        for line in err.decode("utf-8", "replace").splitlines():
+            level, fields = logs.child_event("oidc", "stderr", logs.redact(line))
+            logs.emit(level, fields)
+        try:
+            result = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result = {"message": f"the OIDC check process failed ({code}): {err.decode(errors='replace')[-300:]}"}
+            code = code if code in (EXIT_CONFIG, EXIT_UNAVAILABLE) else EXIT_UNAVAILABLE
+        return code, result
 
     async def _lifecycle(self) -> None:
         """Publishing and everything that needs the database: runs once SpacetimeDB is first ready."""

@@ -298,6 +298,7 @@ def ready_status() -> Status:
     status.child("spacetimedb").state = READY
     status.child("caddy").state = READY
     status.module("pogly").serving = True
+    status.oidc = "verified"
     return status
 
 

@@ -77,6 +77,7 @@ def test_answer_readyz_names_what_is_not_ready() -> None:
     assert code == 503
     reasons = json.loads(body)["not_ready"]
     assert "spacetimedb: not started" in reasons and "caddy: not started" in reasons
+    assert "oidc: checking the provider" in reasons  # a wrong provider must fail us before we serve
     status = ch.ready_status()
     assert answer(status, "/readyz") == (200, b'{"status":"ready"}')
     status.module("overlay2")

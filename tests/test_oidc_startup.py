@@ -1,0 +1,66 @@
+"""The OIDC check as the running program applies it: fatal, unverified, or verified later.
+
+The provider is the real ``oidc-provider`` (tests/js/oidc_server.mjs).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+
+from tests.harness import Running, base_env, free_port
+from tests.oidc.fixtures import node_provider
+
+
+def test_verified_provider_is_reported_in_status(tmp_path: Path) -> None:
+    with node_provider("--shape", "keycloak") as provider:
+        env = base_env(tmp_path, OIDC_ISSUER=provider.issuer)
+        with Running(env, pid1=True) as run:
+            ready = run.wait_event("entrypoint.ready", timeout=60)
+            assert ready["oidc"] == "verified"
+            assert run.find(lambda e: e.get("event") == "oidc.verified" and e.get("service") == "oidc")
+            status = httpx.get(f"http://{env['POGLY_HEALTH_ADDR']}/status").json()
+            assert status["oidc"] == "verified"
+            run.signal(signal.SIGTERM)
+            assert run.wait() == 0
+
+
+def test_issuer_off_by_a_trailing_slash_exits_78_before_ready(tmp_path: Path) -> None:
+    with node_provider("--shape", "authentik") as provider:
+        assert provider.issuer.endswith("/")
+        env = base_env(tmp_path, OIDC_ISSUER=provider.issuer.rstrip("/"))
+        with Running(env, pid1=True) as run:
+            assert run.wait(60) == 78
+    fatal = run.find(lambda e: e.get("event") == "oidc.invalid")[0]
+    assert "trailing slash" in fatal["message"] and provider.issuer in fatal["message"]
+    assert not run.find(lambda e: e.get("event") == "entrypoint.ready")
+    stopped = {e["child"]: e for e in run.find(lambda e: e.get("event") == "child.stopped")}
+    assert stopped["spacetimedb"]["exit"] == "exit code 0"  # stopped cleanly, SIGINT
+
+
+def test_unreachable_provider_under_strict_mode_exits_69(tmp_path: Path) -> None:
+    env = base_env(tmp_path, OIDC_ISSUER=f"https://127.0.0.1:{free_port()}/realms/pogly", STRICT_MODE="true")
+    with Running(env, pid1=True) as run:
+        assert run.wait(60) == 69
+    assert run.find(lambda e: e.get("event") == "oidc.unavailable")
+    assert not run.find(lambda e: e.get("event") == "entrypoint.ready")
+
+
+def test_unreachable_provider_keeps_serving_then_verifies_when_it_appears(tmp_path: Path) -> None:
+    port = free_port()
+    env = base_env(tmp_path, OIDC_ISSUER=f"http://127.0.0.1:{port}/realms/pogly")
+    with Running(env, pid1=True) as run:
+        ready = run.wait_event("entrypoint.ready", timeout=60)
+        assert ready["oidc"] == "unverified"
+        assert run.find(lambda e: e.get("event") == "oidc.unverified")
+        public = f"http://127.0.0.1:{env['POGLY_HTTP_PORT']}"
+        assert httpx.get(f"{public}/readyz").status_code == 200  # overlays stay up for OBS
+        with node_provider("--shape", "keycloak", "--port", str(port)) as provider:
+            assert provider.issuer == env["OIDC_ISSUER"]
+            run.wait_event("oidc.verified", timeout=30)
+            status = httpx.get(f"http://{env['POGLY_HEALTH_ADDR']}/status").json()
+            assert status["oidc"] == "verified"
+        run.signal(signal.SIGTERM)
+        assert run.wait() == 0
