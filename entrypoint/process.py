@@ -352,6 +352,9 @@ async def run_capture(
         await child.stop(0)
         code = -signal.SIGKILL
     except asyncio.CancelledError:
-        child.signal_group(signal.SIGKILL)  # a shutdown must not leave it behind; the reaper collects it
+        # A shutdown must not leave it behind: kill it and see it gone (SIGKILL
+        # cannot be ignored, so this wait is short) before letting the cancel through.
+        child.signal_group(signal.SIGKILL)
+        await child.wait()
         raise
     return code, b"".join(chunks["stdout"]), b"".join(chunks["stderr"])

@@ -84,7 +84,9 @@ class Supervisor:
             main.cancel()
         await self._shutdown()  # concurrently with main's cancellation: exit as soon as children are gone
         with contextlib.suppress(asyncio.CancelledError):
-            await main
+            await main  # its short-lived helpers (caddy validate, oidc-check) are killed and reaped by now
+        if os.getpid() == 1:
+            self._kill_stragglers()
         if health is not None:
             await health.close()
         log.info("entrypoint.exit", exit_code=self._exit_code, orphans_reaped=self.reaper.orphans_reaped,
@@ -253,8 +255,6 @@ class Supervisor:
         for service in self.stop_order:
             remaining = max(deadline - self.clock(), 0.0)
             await service.stop(min(service.grace(), remaining), self._force)
-        if os.getpid() == 1:
-            self._kill_stragglers()
 
     def _kill_stragglers(self) -> None:
         """As PID 1, whatever still runs in the namespace dies with us; say so first."""

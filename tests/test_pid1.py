@@ -52,7 +52,7 @@ def namespace_procs(inner_pid: int) -> list[tuple[int, str, str]]:
 
 def stopped_cleanly(run: Running) -> None:
     assert run.find(lambda e: e.get("event") == "entrypoint.exit")[0]["exit_code"] == 0
-    assert not run.find(lambda e: e.get("event") == "entrypoint.straggler_killed")
+    assert run.find(lambda e: e.get("event") == "entrypoint.straggler_killed") == []
     assert not run.find(lambda e: e.get("level") in ("error", "critical") and e.get("service") == "entrypoint"
                         and "Traceback" in str(e))
 
