@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import Running, base_env, wait_for  # noqa: E402
+from tests.harness import Running, base_env
 
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "pogly-entrypoint")
@@ -97,7 +97,7 @@ def _proc_status(pid: int) -> dict[str, int]:
 
 def summary(values: list[float]) -> str:
     values = sorted(values)
-    p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+    p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
     return f"{statistics.median(values):.1f} (p95 {p95:.1f})"
 
 
@@ -110,7 +110,6 @@ def main() -> int:
     print("|---|---|")
     for key, values in results.items():
         print(f"| {key} | {summary(values)} |")
-    wait_for(lambda: True)
     return 0
 
 

@@ -156,8 +156,8 @@ def child_event(service: str, stream: str, text: str) -> tuple[str, dict[str, An
             data = None
         if isinstance(data, dict):
             level = _LEVELS.get(str(data.pop("level", "info")).lower(), "info")
-            # Caddy says "msg"; module and tracing lines "message"; our own helper processes "event".
-            message = data.pop("msg", None) or data.pop("message", None) or data.pop("event", None) or ""
+            # Caddy says "msg"; our own helper processes "event" (their "message" is a field).
+            message = data.pop("msg", None) or data.pop("event", None) or data.pop("message", None) or ""
             if data.get("service") == "entrypoint":  # one of our own helper processes
                 data.pop("service")
             if "ts" in data:
