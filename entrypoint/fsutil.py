@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+SECRET_MODE = 0o600  # tokens, signing keys, the state file: readable by their owner only
+
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename.

@@ -61,13 +61,14 @@ from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
 from entrypoint.identity import from_claims, normalize_hex
-from entrypoint.spacetime import SqlError, module_state, sql, sql_identity, update_module_state
+from entrypoint.sqlapi import SqlError, sql, sql_identity
+from entrypoint.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
     import httpx
 
     from entrypoint.config import Settings
-    from entrypoint.spacetime import Publisher
+    from entrypoint.publisher import Publisher
     from entrypoint.state import ModuleStatus, Status
 
 log = logs.get("ownership")

@@ -4,15 +4,17 @@
 
     signals ─► request_stop()            (handlers only set events)
     run()
-      ├─ health server (/livez now, /readyz when everything below is ready)
       ├─ _main() in a TaskGroup, all concurrently:
-      │    ├─ SpacetimeDB: start → lock retry → /v1/ping ready → restart policy
-      │    ├─ Caddy: config.js → render → caddy validate → run → ready → restart policy
-      │    ├─ OIDC discovery check (fatal if invalid; unverified keeps serving)
-      │    ├─ lifecycle: after SpacetimeDB is ready → identity → publish → module logs → ownership
-      │    └─ announce "ready" once all of the above are
-      └─ on stop or fatal: cancel _main, then _shutdown():
-           /readyz 503 → Caddy SIGTERM (grace) → SpacetimeDB SIGINT (rest of budget) → exit
+      │    ├─ SpacetimeDB: start → lock held? wait it out → /v1/ping ready → restart policy
+      │    ├─ Caddy: config.js → render → caddy validate (cached) → run → ready → restart policy
+      │    ├─ OIDC: `oidc-check` process (fatal if wrong; unreachable → "unverified", re-checked)
+      │    ├─ lifecycle: once SpacetimeDB is ready → identity → publish → module logs, ownership,
+      │    │             and a re-check of every module after each SpacetimeDB restart
+      │    └─ announce "ready" once SpacetimeDB, Caddy, the modules and the OIDC verdict are
+      ├─ health server (/livez, /readyz, /status on POGLY_HEALTH_ADDR)
+      └─ on stop or fatal: no more restarts; cancel _main and, meanwhile, _shutdown():
+           /readyz 503 → Caddy SIGTERM (its grace) → SpacetimeDB SIGINT (rest of the budget)
+           → wait for _main's helpers to be gone → as PID 1, sweep stragglers → exit
 
 Nothing else in the package knows this order.  A signal at any instant only
 sets ``_stop``; whatever ``_main`` was doing is cancelled at its next await,
@@ -207,19 +209,22 @@ class Supervisor:
         await self.spacetime.first_ready.wait()
         import httpx
 
-        from entrypoint import spacetime
+        from entrypoint.modulelogs import follow_module_logs
+        from entrypoint.publish import publish_all
+        from entrypoint.publisher import ensure_identity
+        from entrypoint.spacetime import tighten_key_modes
 
         base = self.settings.spacetime_addr.url
         async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
-            spacetime.tighten_key_modes(self.settings.config_dir)
-            publisher = await spacetime.ensure_identity(self.settings, client)
+            tighten_key_modes(self.settings.config_dir)
+            publisher = await ensure_identity(self.settings, client)
             self.status.publisher_identity = publisher.identity
-            await spacetime.publish_all(self.settings, self.status, client, publisher)
+            await publish_all(self.settings, self.status, client, publisher)
             self._modules_ready.set()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._republish_after_restarts(client, publisher), name="republish")
                 for module in self.settings.modules:
-                    tasks.create_task(spacetime.follow_module_logs(self.settings, client, publisher, module),
+                    tasks.create_task(follow_module_logs(self.settings, client, publisher, module),
                                       name=f"logs:{module}")
                 self._start_ownership(tasks, client, publisher)
 
@@ -230,12 +235,12 @@ class Supervisor:
         just before it; ``publish_all`` skips what is present and unchanged, so
         this costs one identity lookup per module when nothing was lost.
         """
-        from entrypoint import spacetime
+        from entrypoint.publish import publish_all
 
         generation = self.spacetime.generation
         while True:
             generation = await self.spacetime.ready_after(generation)
-            await spacetime.publish_all(self.settings, self.status, client, publisher)
+            await publish_all(self.settings, self.status, client, publisher)
 
     def _start_ownership(self, tasks: asyncio.TaskGroup, client: Any, publisher: Any) -> None:
         """Seam for the first-user auto-claim (ownership.py)."""

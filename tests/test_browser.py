@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from entrypoint.identity import from_claims
-from entrypoint.spacetime import token_identity
+from entrypoint.publisher import token_identity
 from tests.harness import REPO, VENV_BIN, Running, base_env
 from tests.oidc.fixtures import node_available, node_provider
 from tests.stdbhelp import available as standin_available

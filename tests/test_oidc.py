@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import hashlib
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,9 +40,9 @@ from tests.oidc.canned import (
     silent_listener,
 )
 from tests.oidc.fixtures import NodeProvider, node_provider, stop_provider
+from tests.oidc.signin import APP_ORIGIN, follow_to_app, pkce
 
 WELL_KNOWN = "/.well-known/openid-configuration"
-APP_ORIGIN = "http://127.0.0.1:8080"
 
 
 def settings_for(issuer: str, **kw: Any) -> Settings:
@@ -141,28 +138,10 @@ def test_real_provider_exits_zero_on_signal(sig: int) -> None:
         assert stop_provider(provider.process) == 0
 
 
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
-
-
-def _follow_to_callback(client: httpx.Client, response: httpx.Response) -> httpx.Response:
-    """Follow redirects by hand until the provider sends us to the app's callback (not served)."""
-    for _ in range(10):
-        if not response.is_redirect:
-            return response
-        target = str(response.url.join(response.headers["location"]))
-        if target.startswith(APP_ORIGIN):
-            return response
-        response = client.get(target)
-    raise AssertionError("too many redirects")
-
-
 def test_real_provider_sign_in_with_dev_interactions(authentik: NodeProvider) -> None:
     """What the browser test will do, over plain HTTP: code flow + PKCE, any login works."""
     report = check(settings_for(authentik.issuer))
-    verifier, challenge = _pkce()
+    verifier, challenge = pkce()
     redirect_uri = f"{APP_ORIGIN}/callback"
     with httpx.Client(follow_redirects=False, timeout=10) as client:
         response = client.get(report.authorization_endpoint, params={
@@ -170,16 +149,16 @@ def test_real_provider_sign_in_with_dev_interactions(authentik: NodeProvider) ->
             "redirect_uri": redirect_uri, "code_challenge": challenge, "code_challenge_method": "S256",
             "state": "s1", "nonce": "n1",
         })
-        response = _follow_to_callback(client, response)
+        response = follow_to_app(client, response)
         assert response.status_code == 200 and 'name="login"' in response.text  # the login form
         login_url = str(response.url)
         assert login_url.startswith(authentik.issuer), "interaction must stay under the prefix"
         response = client.post(login_url, data={"prompt": "login", "login": "alice", "password": "anything"})
-        response = _follow_to_callback(client, response)
+        response = follow_to_app(client, response)
         if not response.is_redirect:  # first sign-in: consent page
             assert 'name="prompt" value="consent"' in response.text
             response = client.post(str(response.url), data={"prompt": "consent"})
-            response = _follow_to_callback(client, response)
+            response = follow_to_app(client, response)
         callback = urlsplit(response.headers["location"])
         query = parse_qs(callback.query)
         assert f"{callback.scheme}://{callback.netloc}{callback.path}" == redirect_uri

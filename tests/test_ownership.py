@@ -17,8 +17,6 @@ verdict for a connection, the watcher task finishing, a READY line).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import secrets
 import shutil
@@ -46,16 +44,19 @@ from entrypoint.ownership import (
     eligibility,
     watch,
 )
-from entrypoint.spacetime import Publisher, SqlError, module_state, sql
+from entrypoint.publisher import Publisher
+from entrypoint.sqlapi import SqlError, sql
 from entrypoint.state import ModuleStatus, Status
+from entrypoint.statefile import module_state
+from tests.harness import wait_for
 from tests.oidc.fixtures import NodeProvider, node_available, node_provider
+from tests.oidc.signin import APP_ORIGIN, follow_to_app, pkce
 from tests.stdbhelp import StandIn
 from tests.stdbhelp import available as standin_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "standin"))
 from standin_harness import POGLY_WASM
 
-APP_ORIGIN = "http://127.0.0.1:8080"  # registered by oidc_server.mjs by default; never served
 ISSUER = "https://auth.example.com/application/o/pogly/"
 SERVER = "c200" + "11" * 30
 DEADLINE = 20.0
@@ -402,24 +403,6 @@ def test_watch_contains_its_own_bugs(tmp_path: Path) -> None:
 
 # =========================================================================== stand-in + oidc-provider
 
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
-
-
-def _to_app(client: httpx.Client, response: httpx.Response) -> httpx.Response:
-    """Follow the provider's redirects by hand, stopping at the app's (unserved) origin."""
-    for _ in range(10):
-        if not response.is_redirect:
-            return response
-        target = str(response.url.join(response.headers["location"]))
-        if target.startswith(APP_ORIGIN):
-            return response
-        response = client.get(target)
-    raise AssertionError("too many redirects")
-
-
 @dataclass(frozen=True)
 class Idp:
     """A running provider and the one client ID it knows."""
@@ -442,19 +425,19 @@ def sign_in(idp: Idp, login: str) -> str:
         return _TOKENS[key]
     with httpx.Client(follow_redirects=False, timeout=10) as client:
         meta = client.get(idp.issuer.rstrip("/") + "/.well-known/openid-configuration").json()
-        verifier, challenge = _pkce()
+        verifier, challenge = pkce()
         redirect_uri = f"{APP_ORIGIN}/callback"
-        response = _to_app(client, client.get(meta["authorization_endpoint"], params={
+        response = follow_to_app(client, client.get(meta["authorization_endpoint"], params={
             "client_id": idp.client_id, "response_type": "code", "scope": "openid profile",
             "redirect_uri": redirect_uri, "code_challenge": challenge, "code_challenge_method": "S256",
             "state": "s", "nonce": secrets.token_urlsafe(8),
         }))
         assert 'name="login"' in response.text, response.text[:500]
-        response = _to_app(client, client.post(str(response.url), data={
+        response = follow_to_app(client, client.post(str(response.url), data={
             "prompt": "login", "login": login, "password": "any"}))
         if not response.is_redirect:
             assert 'value="consent"' in response.text
-            response = _to_app(client, client.post(str(response.url), data={"prompt": "consent"}))
+            response = follow_to_app(client, client.post(str(response.url), data={"prompt": "consent"}))
         code = parse_qs(urlsplit(response.headers["location"]).query)["code"][0]
         token = client.post(meta["token_endpoint"], data={
             "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
@@ -572,16 +555,11 @@ async def sdk_tab(db: Db, idp: Idp, login: str) -> Browser:
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Wait for a condition of the running watcher (checked every 10 ms) with a deadline."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    """Wait for a condition of the running watcher with a deadline.
+
+    Polled from a worker thread so the event loop (and the watcher on it) keeps running meanwhile.
+    """
+    return await asyncio.to_thread(wait_for, predicate, timeout, what)
 
 
 @dataclass

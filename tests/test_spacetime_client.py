@@ -1,4 +1,5 @@
-"""spacetime.py: pure helpers, the HTTP client against a mock transport, then against the stand-in.
+"""The SpacetimeDB-facing modules (spacetime, stdbhttp, publisher, statefile, sqlapi, publish,
+modulelogs): pure helpers, the HTTP client against a mock transport, then against the stand-in.
 
 The mock-transport tests pin down behaviour the stand-in cannot easily be
 made to show (transient 5xx, unreachable server, every refusal shape); the
@@ -26,15 +27,36 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from entrypoint import spacetime
+from entrypoint import publish, spacetime
 from entrypoint.config import HostPort, Settings
 from entrypoint.errors import Fatal
 from entrypoint.identity import from_claims
+from entrypoint.modulelogs import follow_module_logs, module_log_event
+from entrypoint.publish import first_boot_statement, publish_all
+from entrypoint.publisher import (
+    Publisher,
+    cli_document,
+    dump_toml,
+    ensure_identity,
+    link_cli_config,
+    token_identity,
+)
+from entrypoint.sqlapi import (
+    SqlError,
+    parse_sql_result,
+    sql,
+    sql_bool,
+    sql_identity,
+    sql_literal,
+    sql_string,
+)
 from entrypoint.state import Status
+from entrypoint.statefile import load_state, module_state, update_module_state
+from entrypoint.stdbhttp import Backoff, NotOwner, parse_ownership_error
 from tests import stdbhelp
 from tests.fixtures.make_wasm import module as make_module
 
-FAST = spacetime.Backoff(initial=0.005, maximum=0.02, deadline=0.5)
+FAST = Backoff(initial=0.005, maximum=0.02, deadline=0.5)
 FIXTURE = Path(__file__).parent / "fixtures" / "pogly.wasm"
 
 
@@ -197,7 +219,7 @@ def test_tighten_key_modes(tmp_path: Path) -> None:
 
 def test_publisher_repr_masks_token() -> None:
     token, ident = fake_token()
-    pub = spacetime.Publisher(ident, token)
+    pub = Publisher(ident, token)
     assert token not in repr(pub) and token not in str(pub) and token not in f"{pub!r} {pub}"
     assert ident in repr(pub)
     assert pub.headers == {"Authorization": f"Bearer {token}"}
@@ -206,9 +228,9 @@ def test_publisher_repr_masks_token() -> None:
 def test_token_identity() -> None:
     token, ident = fake_token("c609bdb5-0025-4c6d-b2e9-8f28103b35e3")
     assert ident == "c2001574a028244c76a5152554c3cfc1bb6b376e668be5b86314002adf932aee"
-    assert spacetime.token_identity(token) == ident
+    assert token_identity(token) == ident
     with pytest.raises(ValueError):
-        spacetime.token_identity("not-a-jwt")
+        token_identity("not-a-jwt")
 
 
 def test_toml_roundtrip_and_cli_document() -> None:
@@ -221,8 +243,8 @@ def test_toml_roundtrip_and_cli_document() -> None:
         ],
         "extra": {"nested": True, "n": 3},
     }
-    doc = spacetime.cli_document(existing, "tok.en.x", HostPort("0.0.0.0", 3001))
-    parsed = tomllib.loads(spacetime.dump_toml(doc))
+    doc = cli_document(existing, "tok.en.x", HostPort("0.0.0.0", 3001))
+    parsed = tomllib.loads(dump_toml(doc))
     assert parsed == doc
     assert parsed["default_server"] == "local"
     assert parsed["spacetimedb_token"] == "tok.en.x"
@@ -230,7 +252,7 @@ def test_toml_roundtrip_and_cli_document() -> None:
     local = [s for s in parsed["server_configs"] if s["nickname"] == "local"]
     assert local == [{"nickname": "local", "host": "127.0.0.1:3001", "protocol": "http", "ecdsa_public_key": "PEM"}]
     assert parsed["extra"] == {"nested": True, "n": 3}
-    fresh = spacetime.cli_document({}, "t", HostPort("127.0.0.1", 3000))
+    fresh = cli_document({}, "t", HostPort("127.0.0.1", 3000))
     assert fresh["server_configs"] == [{"nickname": "local", "host": "127.0.0.1:3000", "protocol": "http"}]
 
 
@@ -249,7 +271,7 @@ def test_toml_roundtrip_and_cli_document() -> None:
 )
 def test_ownership_error_shapes(status: int, text: str, caller: str, owner: str | None,
                                 database: str | None) -> None:
-    refusal = spacetime.parse_ownership_error(status, text)
+    refusal = parse_ownership_error(status, text)
     assert refusal is not None
     assert (refusal.caller, refusal.owner, refusal.database) == (caller, owner, database)
 
@@ -260,25 +282,25 @@ def test_ownership_error_shapes(status: int, text: str, caller: str, owner: str 
      (400, "Only owners are authorized to run SQL DML statements")],
 )
 def test_ownership_error_non_matches(status: int, text: str) -> None:
-    assert spacetime.parse_ownership_error(status, text) is None
+    assert parse_ownership_error(status, text) is None
 
 
 def test_sql_literals() -> None:
-    assert spacetime.sql_string("O'Reilly") == "'O''Reilly'"
-    assert spacetime.sql_string("'; DROP TABLE Config; --") == "'''; DROP TABLE Config; --'"
-    assert spacetime.sql_string("") == "''"
-    assert spacetime.sql_bool(True) == "true" and spacetime.sql_bool(False) == "false"
-    assert spacetime.sql_literal(True) == "true" and spacetime.sql_literal(7) == "7"
-    assert spacetime.sql_identity("X'" + "C2" * 32 + "'") == "0x" + "c2" * 32
+    assert sql_string("O'Reilly") == "'O''Reilly'"
+    assert sql_string("'; DROP TABLE Config; --") == "'''; DROP TABLE Config; --'"
+    assert sql_string("") == "''"
+    assert sql_bool(True) == "true" and sql_bool(False) == "false"
+    assert sql_literal(True) == "true" and sql_literal(7) == "7"
+    assert sql_identity("X'" + "C2" * 32 + "'") == "0x" + "c2" * 32
     with pytest.raises(ValueError):
-        spacetime.sql_string("a\x00b")
+        sql_string("a\x00b")
     with pytest.raises(ValueError):
-        spacetime.sql_identity("'; --")
+        sql_identity("'; --")
 
 
 def test_first_boot_statement_quotes_values(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, stream_name="it's", debug_mode=True)
-    assert spacetime.first_boot_statement(settings) == (
+    assert first_boot_statement(settings) == (
         "UPDATE Config SET StreamingPlatform = 'twitch', StreamName = 'it''s', DebugMode = true, "
         "StrictMode = false, ConfigInit = true WHERE Version = 0"
     )
@@ -298,7 +320,7 @@ def test_parse_sql_result_unwraps_identities() -> None:
         "rows": [[0, ["0x" + ident.upper()], ["0xABCD"], True]],
         "total_duration_micros": 1, "stats": {"rows_inserted": 0, "rows_deleted": 0, "rows_updated": 0},
     }]
-    assert spacetime.parse_sql_result(payload) == [
+    assert parse_sql_result(payload) == [
         {"Version": 0, "OwnerIdentity": ident, "Conn": "abcd", "col3": True}
     ]
 
@@ -306,14 +328,14 @@ def test_parse_sql_result_unwraps_identities() -> None:
 def test_module_log_event_mapping() -> None:
     line = json.dumps({"level": "Warn", "ts": 1730000000000000, "target": "pogly", "filename": "src/lib.rs",
                        "line_number": 12, "function": "say_hello", "message": "Hello, World!"})
-    level, message, fields = spacetime.module_log_event("pogly", line)
+    level, message, fields = module_log_event("pogly", line)
     assert (level, message) == ("warning", "Hello, World!")
     assert fields == {"service": "module:pogly", "function": "say_hello", "filename": "src/lib.rs", "line": 12,
                       "target": "pogly", "module_ts": 1730000000000000}
     for raw, mapped in [("Error", "error"), ("Panic", "error"), ("Info", "info"), ("Debug", "debug"),
                         ("Trace", "debug")]:
-        assert spacetime.module_log_event("m", json.dumps({"level": raw, "message": "x"}))[0] == mapped
-    assert spacetime.module_log_event("m", "not json") == ("info", "not json", {"service": "module:m"})
+        assert module_log_event("m", json.dumps({"level": raw, "message": "x"}))[0] == mapped
+    assert module_log_event("m", "not json") == ("info", "not json", {"service": "module:m"})
 
 
 # ---------------------------------------------------------------------------
@@ -465,10 +487,10 @@ def test_identity_first_start_then_reuse(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     home = tmp_path / "home"
 
-    async def main() -> tuple[spacetime.Publisher, spacetime.Publisher]:
+    async def main() -> tuple[Publisher, Publisher]:
         async with client_for(mock) as client:
-            first = await spacetime.ensure_identity(settings, client, home=home, backoff=FAST)
-            second = await spacetime.ensure_identity(settings, client, home=home, backoff=FAST)
+            first = await ensure_identity(settings, client, home=home, backoff=FAST)
+            second = await ensure_identity(settings, client, home=home, backoff=FAST)
             return first, second
 
     with capture_logs() as logs:
@@ -494,7 +516,7 @@ def test_existing_home_config_is_left_alone(tmp_path: Path) -> None:
     own = home / ".config" / "spacetime"
     own.mkdir(parents=True)
     (own / "cli.toml").write_text('default_server = "maincloud"\n')
-    assert spacetime.link_cli_config(tmp_path / "config", home) is False
+    assert link_cli_config(tmp_path / "config", home) is False
     assert not own.is_symlink() and (own / "cli.toml").read_text() == 'default_server = "maincloud"\n'
 
 
@@ -503,7 +525,7 @@ def test_unwritable_home_is_not_fatal(tmp_path: Path) -> None:
     home.mkdir()
     (home / ".config").write_text("a file where a directory should be")
     with capture_logs() as logs:
-        assert spacetime.link_cli_config(tmp_path / "config", home) is False
+        assert link_cli_config(tmp_path / "config", home) is False
     assert logs[-1]["event"] == "identity.cli_link_failed"
 
 
@@ -512,7 +534,7 @@ def test_rejected_token_is_fatal_78_and_touches_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     token, ident = fake_token()  # not known to the server: as if the keys were replaced
     cli = settings.config_dir / "cli.toml"
-    cli.write_text(spacetime.dump_toml(spacetime.cli_document({}, token, settings.spacetime_addr)))
+    cli.write_text(dump_toml(cli_document({}, token, settings.spacetime_addr)))
     (settings.config_dir / "id_ecdsa").write_text("new private key")
     (settings.config_dir / "id_ecdsa.pub").write_text("new public key")
     mock.add_db("pogly", ident)
@@ -520,7 +542,7 @@ def test_rejected_token_is_fatal_78_and_touches_nothing(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with client_for(mock) as client:
-            await spacetime.ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
+            await ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
 
     with pytest.raises(Fatal) as err:
         run(main())
@@ -541,7 +563,7 @@ def test_invalid_cli_toml_is_fatal_and_kept(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with client_for(MockStdb()) as client:
-            await spacetime.ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
+            await ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
 
     with pytest.raises(Fatal) as err:
         run(main())
@@ -555,9 +577,9 @@ def test_transient_errors_are_retried(tmp_path: Path) -> None:
     mock.inject("POST", "/v1/identity", lambda: httpx.Response(503, text="starting"),
                 lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
 
-    async def main() -> spacetime.Publisher:
+    async def main() -> Publisher:
         async with client_for(mock) as client:
-            return await spacetime.ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
+            return await ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
 
     with capture_logs() as logs:
         pub = run(main())
@@ -573,7 +595,7 @@ def test_unreachable_is_fatal_69(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(refuse)) as c:
-            await spacetime.ensure_identity(settings, c, home=tmp_path / "home", backoff=FAST)
+            await ensure_identity(settings, c, home=tmp_path / "home", backoff=FAST)
 
     with pytest.raises(Fatal) as err:
         run(main())
@@ -586,13 +608,13 @@ def test_unreachable_is_fatal_69(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _publish(mock: MockStdb, settings: Settings, publisher: spacetime.Publisher,
+def _publish(mock: MockStdb, settings: Settings, publisher: Publisher,
              status: Status | None = None) -> Status:
     status = status or Status()
 
     async def main() -> None:
         async with client_for(mock) as client:
-            await spacetime.publish_all(settings, status, client, publisher, backoff=FAST)
+            await publish_all(settings, status, client, publisher, backoff=FAST)
 
     run(main())
     return status
@@ -601,7 +623,7 @@ def _publish(mock: MockStdb, settings: Settings, publisher: spacetime.Publisher,
 def test_publish_create_skip_update(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path, modules=("pogly", "second"), stream_name="o_reilly", strict_mode=True)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
 
     with capture_logs() as logs:
         status = _publish(mock, settings, pub)
@@ -643,7 +665,7 @@ def test_publish_create_skip_update(tmp_path: Path) -> None:
 def test_update_failure_keeps_serving(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     _publish(mock, settings, pub)
     old_hash = json.loads((settings.config_dir / "pogly-entrypoint.json").read_text())["modules"]["pogly"]["hash"]
     (settings.module_dir / "pogly.wasm").write_bytes(make_module(extra="broken release"))
@@ -666,7 +688,7 @@ def test_update_failure_keeps_serving(tmp_path: Path) -> None:
 def test_update_failure_after_retries_keeps_serving(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     _publish(mock, settings, pub)
     (settings.module_dir / "pogly.wasm").write_bytes(make_module(extra="v2"))
     mock.inject("PUT", "/v1/database/pogly", *[lambda: httpx.Response(502, text="bad gateway")] * 10_000)
@@ -678,7 +700,7 @@ def test_update_failure_after_retries_keeps_serving(tmp_path: Path) -> None:
 def test_first_publish_failure_is_fatal(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     mock.inject("PUT", "/v1/database/pogly", lambda: httpx.Response(400, text="invalid wasm: bad magic"))
     with pytest.raises(Fatal) as err:
         _publish(mock, settings, pub)
@@ -695,7 +717,7 @@ def test_first_publish_failure_is_fatal(tmp_path: Path) -> None:
 def test_transient_publish_error_is_retried(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     mock.inject("PUT", "/v1/database/pogly", lambda: httpx.Response(503, text="busy"))
     status = _publish(mock, settings, pub)
     assert status.module("pogly").publish_result == "created"
@@ -704,7 +726,7 @@ def test_transient_publish_error_is_retried(tmp_path: Path) -> None:
 def test_missing_wasm_is_fatal_78(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path, module_dir=tmp_path / "empty")
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     with pytest.raises(Fatal) as err:
         _publish(mock, settings, pub)
     assert err.value.exit_code == 78
@@ -719,7 +741,7 @@ def test_not_owner_is_fatal_78_with_both_identities(tmp_path: Path, version: str
     mock = MockStdb(version)
     settings = make_settings(tmp_path)
     _, owner = mock.issue()
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     mock.add_db("pogly", owner)
     if route != "info":
         mock.info_has_owner = False
@@ -727,7 +749,7 @@ def test_not_owner_is_fatal_78_with_both_identities(tmp_path: Path, version: str
         async def inconclusive(*args: Any, **kwargs: Any) -> None:
             return None
 
-        monkeypatch.setattr(spacetime, "_check_owner", inconclusive)
+        monkeypatch.setattr(publish, "_check_owner", inconclusive)
     with pytest.raises(Fatal) as err:
         _publish(mock, settings, pub)
     assert err.value.exit_code == 78
@@ -743,7 +765,7 @@ def test_not_owner_is_fatal_78_with_both_identities(tmp_path: Path, version: str
 def test_first_boot_config_not_pogly(tmp_path: Path) -> None:
     mock = MockStdb(pogly=False)
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     with capture_logs() as logs:
         status = _publish(mock, settings, pub)
     assert status.module("pogly").publish_result == "created"
@@ -757,11 +779,11 @@ def test_first_boot_config_resumed_after_crash(tmp_path: Path) -> None:
     """Created, then the process died before the Config UPDATE: the next start completes it."""
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     wasm = (settings.module_dir / "pogly.wasm").read_bytes()
     ident = mock.add_db("pogly", pub.identity, wasm)
-    spacetime.update_module_state(settings.config_dir, "pogly", hash=hashlib.sha256(wasm).hexdigest(),
-                                  database_identity=ident, first_boot_config_applied=False)
+    update_module_state(settings.config_dir, "pogly", hash=hashlib.sha256(wasm).hexdigest(),
+                        database_identity=ident, first_boot_config_applied=False)
     status = _publish(mock, settings, pub)
     assert status.module("pogly").publish_result == "unchanged"
     assert mock.dbs["pogly"]["config"]["ConfigInit"] is True
@@ -771,12 +793,12 @@ def test_first_boot_config_resumed_after_crash(tmp_path: Path) -> None:
 def test_first_boot_config_never_overrides_initialised_row(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     wasm = (settings.module_dir / "pogly.wasm").read_bytes()
     ident = mock.add_db("pogly", pub.identity, wasm)
     mock.dbs["pogly"]["config"].update(ConfigInit=True, StreamName="onboarded")
-    spacetime.update_module_state(settings.config_dir, "pogly", hash=hashlib.sha256(wasm).hexdigest(),
-                                  database_identity=ident, first_boot_config_applied=False)
+    update_module_state(settings.config_dir, "pogly", hash=hashlib.sha256(wasm).hexdigest(),
+                        database_identity=ident, first_boot_config_applied=False)
     _publish(mock, settings, pub)
     assert mock.dbs["pogly"]["config"]["StreamName"] == "onboarded"
     assert not [s for s in mock.sql_log if s.startswith("UPDATE")]
@@ -786,7 +808,7 @@ def test_state_without_flag_never_applies_config(tmp_path: Path) -> None:
     """A database we only updated (state lost earlier) is not ours to configure."""
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    pub = spacetime.Publisher(*reversed(mock.issue()))
+    pub = Publisher(*reversed(mock.issue()))
     mock.add_db("pogly", pub.identity, b"old")
     _publish(mock, settings, pub)  # no state: update
     _publish(mock, settings, pub)  # unchanged
@@ -798,15 +820,15 @@ def test_corrupt_state_file_is_kept_aside(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.mkdir()
     (config / "pogly-entrypoint.json").write_text("{not json")
-    assert spacetime.load_state(config) == {"version": 1, "modules": {}}
+    assert load_state(config) == {"version": 1, "modules": {}}
     aside = list(config.glob("pogly-entrypoint.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text() == "{not json"
 
 
 def test_update_module_state_keeps_foreign_keys(tmp_path: Path) -> None:
-    spacetime.update_module_state(tmp_path, "pogly", ownership={"claimed": True})
-    spacetime.update_module_state(tmp_path, "pogly", hash="h")
-    assert spacetime.module_state(tmp_path, "pogly") == {"ownership": {"claimed": True}, "hash": "h"}
+    update_module_state(tmp_path, "pogly", ownership={"claimed": True})
+    update_module_state(tmp_path, "pogly", hash="h")
+    assert module_state(tmp_path, "pogly") == {"ownership": {"claimed": True}, "hash": "h"}
 
 
 def test_sql_error_carries_server_text() -> None:
@@ -816,10 +838,10 @@ def test_sql_error_carries_server_text() -> None:
 
     async def main() -> None:
         async with client_for(mock) as client:
-            await spacetime.sql(client, spacetime.Publisher(ident, token), "pogly",
-                                "UPDATE Config SET StreamName = 'x' WHERE Version = 0")
+            await sql(client, Publisher(ident, token), "pogly",
+                      "UPDATE Config SET StreamName = 'x' WHERE Version = 0")
 
-    with pytest.raises(spacetime.SqlError) as err:
+    with pytest.raises(SqlError) as err:
         run(main())
     assert err.value.status == 400
     assert "Only owners are authorized to run SQL DML statements" in str(err.value)
@@ -833,7 +855,7 @@ def test_sql_error_carries_server_text() -> None:
 def test_follow_module_logs_reconnects_and_stops(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     token, ident = fake_token()
-    pub = spacetime.Publisher(ident, token)
+    pub = Publisher(ident, token)
     stop = asyncio.Event()
     seen: list[httpx.Request] = []
     lines = [
@@ -859,7 +881,7 @@ def test_follow_module_logs_reconnects_and_stops(tmp_path: Path) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler)) as client:
             await asyncio.wait_for(
-                spacetime.follow_module_logs(settings, client, pub, "pogly", stop=stop, backoff=FAST), 10)
+                follow_module_logs(settings, client, pub, "pogly", stop=stop, backoff=FAST), 10)
 
     with capture_logs() as logs:
         run(main())
@@ -890,7 +912,7 @@ def test_follow_module_logs_cancels_cleanly(tmp_path: Path) -> None:
 
         async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler)) as client:
             task = asyncio.create_task(
-                spacetime.follow_module_logs(settings, client, spacetime.Publisher(ident, token), "pogly"))
+                follow_module_logs(settings, client, Publisher(ident, token), "pogly"))
             await connected.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -909,14 +931,14 @@ needs_standin = pytest.mark.skipif(not stdbhelp.available(), reason="SpacetimeDB
 
 
 async def _boot(settings: Settings, home: Path, status: Status | None = None
-                ) -> tuple[spacetime.Publisher, Status]:
+                ) -> tuple[Publisher, Status]:
     """What the supervisor does once SpacetimeDB is ready: identity, then publish."""
     status = status or Status()
     async with httpx.AsyncClient(base_url=settings.spacetime_addr.url) as client:
         spacetime.tighten_key_modes(settings.config_dir)
-        publisher = await spacetime.ensure_identity(settings, client, home=home, backoff=FAST)
+        publisher = await ensure_identity(settings, client, home=home, backoff=FAST)
         status.publisher_identity = publisher.identity
-        await spacetime.publish_all(settings, status, client, publisher, backoff=FAST)
+        await publish_all(settings, status, client, publisher, backoff=FAST)
     return publisher, status
 
 
@@ -1014,7 +1036,7 @@ def test_standin_config_volume_swap_is_fatal_with_both_identities(tmp_path: Path
         with pytest.raises(Fatal) as err:
             run(_boot(settings, home))
         assert tree_digest(tmp_path / "data", SERVER_LOG) == before
-    newcomer = spacetime.token_identity(tomllib.loads((newcomer_dir / "cli.toml").read_text())["spacetimedb_token"])
+    newcomer = token_identity(tomllib.loads((newcomer_dir / "cli.toml").read_text())["spacetimedb_token"])
     assert newcomer != original.identity
     assert err.value.exit_code == 78 and err.value.event == "publish.not_owner"
     assert original.identity in err.value.message and newcomer in err.value.message
@@ -1030,7 +1052,7 @@ def test_standin_refusal_shapes_are_recognised(tmp_path: Path, version: str) -> 
         owner, _ = run(_boot(settings, tmp_path / "home"))
         wasm = FIXTURE.read_bytes()
 
-        async def refusals() -> tuple[list[spacetime.NotOwner | None], dict[str, str]]:
+        async def refusals() -> tuple[list[NotOwner | None], dict[str, str]]:
             async with httpx.AsyncClient(base_url=server.addr.url, timeout=10) as client:
                 stranger = (await client.post("/v1/identity")).json()
                 auth = {"Authorization": f"Bearer {stranger['token']}"}
@@ -1041,7 +1063,7 @@ def test_standin_refusal_shapes_are_recognised(tmp_path: Path, version: str) -> 
                                       content=wasm, headers=auth),
                     await client.get("/v1/database/pogly/logs", params={"num_lines": "1"}, headers=auth),
                 ]
-                return [spacetime.parse_ownership_error(r.status_code, r.text) for r in answers], stranger
+                return [parse_ownership_error(r.status_code, r.text) for r in answers], stranger
 
         parsed, stranger = run(refusals())
     assert all(p is not None for p in parsed), parsed
@@ -1063,9 +1085,9 @@ def test_standin_not_owner_through_each_route(tmp_path: Path, version: str,
         async def attempt() -> Fatal:
             async with httpx.AsyncClient(base_url=server.addr.url, timeout=10) as client:
                 data = (await client.post("/v1/identity")).json()
-                stranger = spacetime.Publisher(data["identity"], data["token"])
+                stranger = Publisher(data["identity"], data["token"])
                 with pytest.raises(Fatal) as err:
-                    await spacetime.publish_all(settings, Status(), client, stranger, backoff=FAST)
+                    await publish_all(settings, Status(), client, stranger, backoff=FAST)
                 assert stranger.identity in err.value.message
                 return err.value
 
@@ -1075,13 +1097,13 @@ def test_standin_not_owner_through_each_route(tmp_path: Path, version: str,
         async def no_owner(*args: Any, **kwargs: Any) -> None:
             return None
 
-        monkeypatch.setattr(spacetime, "_info_owner", no_owner)
+        monkeypatch.setattr(publish, "database_owner", no_owner)
         via_pre = run(attempt())
         assert via_pre.event == "publish.not_owner"
         if version == "1.7.0":
             assert owner.identity in via_pre.message
 
-        monkeypatch.setattr(spacetime, "_check_owner", no_owner)
+        monkeypatch.setattr(publish, "_check_owner", no_owner)
         via_put = run(attempt())
         assert via_put.event == "publish.not_owner" and via_put.exit_code == 78
 
@@ -1096,9 +1118,9 @@ def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) ->
 
         async def read_and_change() -> list[dict[str, Any]]:
             async with httpx.AsyncClient(base_url=server.addr.url) as client:
-                rows = await spacetime.sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
-                await spacetime.sql(client, publisher, "pogly",
-                                    "UPDATE Config SET StreamName = 'owner''s choice' WHERE Version = 0")
+                rows = await sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
+                await sql(client, publisher, "pogly",
+                          "UPDATE Config SET StreamName = 'owner''s choice' WHERE Version = 0")
                 return rows
 
         rows = run(read_and_change())
@@ -1114,7 +1136,7 @@ def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) ->
 
         async def read() -> list[dict[str, Any]]:
             async with httpx.AsyncClient(base_url=server.addr.url) as client:
-                return await spacetime.sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
+                return await sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
 
         rows = run(read())
     assert status.module("pogly").publish_result == "unchanged"
@@ -1143,7 +1165,7 @@ def test_standin_module_log_line_becomes_event(tmp_path: Path) -> None:
             structlog.configure(processors=[watch, *structlog.get_config()["processors"]])
             async with httpx.AsyncClient(base_url=server.addr.url) as client:
                 task = asyncio.create_task(
-                    spacetime.follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
+                    follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
                 await asyncio.wait_for(following.wait(), 10)
                 answer = await client.post("/v1/database/pogly/call/log_message",
                                            json=["Warn", "hello from the test"], headers=publisher.headers)
@@ -1163,7 +1185,7 @@ def test_standin_module_log_line_becomes_event(tmp_path: Path) -> None:
 def test_standin_log_follower_survives_a_restart(tmp_path: Path) -> None:
     """SpacetimeDB restarts under the follower: it reconnects by itself and keeps copying lines."""
 
-    async def main(first: stdbhelp.StandIn, settings: Settings, publisher: spacetime.Publisher) -> None:
+    async def main(first: stdbhelp.StandIn, settings: Settings, publisher: Publisher) -> None:
         stop = asyncio.Event()
         connections: asyncio.Queue[int] = asyncio.Queue()
         seen = asyncio.Event()
@@ -1181,7 +1203,7 @@ def test_standin_log_follower_survives_a_restart(tmp_path: Path) -> None:
         structlog.configure(processors=[watch, *structlog.get_config()["processors"]])
         async with httpx.AsyncClient(base_url=first.addr.url) as client:
             task = asyncio.create_task(
-                spacetime.follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
+                follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
             assert await asyncio.wait_for(connections.get(), 10) == 1
             await asyncio.to_thread(first.stop)
             second = stdbhelp.StandIn(tmp_path / "data", tmp_path / "config", listen=str(first.addr))

@@ -1,0 +1,329 @@
+"""Publishing: every module's wasm onto the server, then a new database's first-boot config.
+
+Per module: read the wasm, skip it when the state file says this exact hash
+is already live in this database, make sure the database is ours, ``PUT`` it,
+record the outcome; a database we just created then gets the environment's
+stream settings in Pogly's ``Config`` row, exactly once.
+
+Safety rules that shape the code (reference/spacetimedb.md §2-§5): never
+publish with ``clear`` and never delete anything on the volumes.  A database
+owned by another identity, or a token the server refuses, stops the container
+with exit 78 and a message naming both identities and the way out, instead of
+"fixing" it by destroying data.  A failed *update* keeps the previously
+published module serving; only a failed *first* publish is fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from entrypoint import logs
+from entrypoint.config import Settings
+from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
+from entrypoint.publisher import Publisher, token_rejected, token_sub
+from entrypoint.spacetime import CLI_TOML
+from entrypoint.sqlapi import SqlError, sql, sql_bool, sql_string
+from entrypoint.statefile import module_state, update_module_state
+from entrypoint.stdbhttp import (
+    DEFAULT_BACKOFF,
+    PUBLISH_TIMEOUT,
+    Backoff,
+    SpacetimeUnavailable,
+    body_text,
+    database_owner,
+    describe_error,
+    identity_from_json,
+    parse_ownership_error,
+    request_or_fatal,
+    request_with_retry,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from entrypoint.state import Status
+
+log = logs.get("publish")
+
+
+def _not_owner_fatal(settings: Settings, module: str, ours: str, owner: str | None, text: str) -> Fatal:
+    owner_text = owner or "another identity (the server did not say which)"
+    return Fatal(
+        EXIT_CONFIG,
+        f"Database {module!r} is owned by {owner_text}, but this container's publisher identity is {ours} "
+        f"(token in {settings.config_dir / CLI_TOML}). This happens when the config volume "
+        f"(POGLY_CONFIG_DIR={settings.config_dir}: cli.toml, id_ecdsa, id_ecdsa.pub) was lost or replaced "
+        f"while the data volume (POGLY_DATA_DIR={settings.data_dir}) was kept. Nothing was published and "
+        "nothing was deleted. Safe way out: restore the config volume that holds the original identity"
+        + (f" {owner}" if owner else "")
+        + " (its cli.toml with spacetimedb_token and its id_ecdsa keys) and restart. Do NOT publish with "
+        "--delete-data/clear or wipe the data volume: that destroys every overlay, layout and setting."
+        + (f" Server said: {text}" if text else ""),
+        event="publish.not_owner",
+        module=module,
+        publisher_identity=ours,
+        owner_identity=owner,
+        server_message=text,
+    )
+
+
+async def _check_owner(settings: Settings, client: httpx.AsyncClient, publisher: Publisher, module: str,
+                       wasm: bytes, backoff: Backoff) -> None:
+    """Stop before touching a database that belongs to someone else.
+
+    The database-info route names the owner; when it does not, the dry-run
+    ``pre_publish`` gives the 1.7 (401, names the owner) or 1.9+ (403) refusal.
+    Any other answer is inconclusive and the real publish decides.
+    """
+    try:
+        owner = await database_owner(client, module, publisher.headers)
+    except Exception as exc:  # inconclusive; the publish path has its own error handling
+        log.debug("publish.owner_lookup_failed", module=module, error=describe_error(exc))
+        owner = None
+    if owner is not None:
+        if owner != publisher.identity:
+            raise _not_owner_fatal(settings, module, publisher.identity, owner, "")
+        return
+    try:
+        response = await request_with_retry(client, "POST", f"/v1/database/{module}/pre_publish",
+                                            what=f"pre-publish check of {module}", backoff=backoff,
+                                            timeout=PUBLISH_TIMEOUT, params={"host_type": "Wasm"},
+                                            content=wasm, headers=publisher.headers)
+    except SpacetimeUnavailable as exc:
+        log.debug("publish.pre_publish_unavailable", module=module, error=str(exc))
+        return
+    refusal = parse_ownership_error(response.status_code, body_text(response))
+    if refusal is not None:
+        raise _not_owner_fatal(settings, module, publisher.identity, refusal.owner, refusal.text)
+
+
+async def _database_identity(client: httpx.AsyncClient, publisher: Publisher, module: str,
+                             backoff: Backoff) -> str | None:
+    """``GET /v1/database/<name>/identity``: the database's identity, None when it does not exist."""
+    response = await request_or_fatal(client, "GET", f"/v1/database/{module}/identity",
+                                      what=f"look up database {module}", backoff=backoff,
+                                      headers=publisher.headers)
+    if response.status_code == 404:
+        return None
+    identity = identity_from_json(body_text(response).strip('"'))
+    if response.status_code != 200 or identity is None:
+        raise Fatal(EXIT_UNAVAILABLE,
+                    f"could not tell whether database {module!r} exists: {response.status_code} "
+                    f"{body_text(response)}",
+                    event="publish.lookup_failed", module=module)
+    return identity
+
+
+def _read_wasm(settings: Settings, module: str) -> tuple[Path, bytes]:
+    path = settings.module_wasm(module)
+    try:
+        return path, path.read_bytes()
+    except OSError as exc:
+        raise Fatal(
+            EXIT_CONFIG,
+            f"module {module!r}: cannot read {path} ({exc.strerror or exc}). Put {module}.wasm or pogly.wasm "
+            f"in POGLY_MODULE_DIR={settings.module_dir}, or point POGLY_MODULE_DIR at the directory that has it.",
+            event="publish.module_missing", module=module, path=str(path),
+        ) from None
+
+
+def _success(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    success = data.get("Success") if isinstance(data, dict) else None
+    return success if isinstance(success, dict) else None
+
+
+async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncClient,
+                       publisher: Publisher, module: str, backoff: Backoff) -> None:
+    info = status.module(module)
+    path, wasm = await asyncio.to_thread(_read_wasm, settings, module)
+    digest = hashlib.sha256(wasm).hexdigest()
+    recorded = module_state(settings.config_dir, module)
+    existing = await _database_identity(client, publisher, module, backoff)
+
+    if existing is None and recorded.get("database_identity"):
+        log.warning("publish.database_missing", module=module, recorded_identity=recorded["database_identity"],
+                    data_dir=str(settings.data_dir),
+                    message="the state file knows this database but SpacetimeDB does not (new or wiped data "
+                            "volume?); creating it again")
+
+    if existing is not None:
+        await _check_owner(settings, client, publisher, module, wasm, backoff)
+        if recorded.get("hash") == digest and recorded.get("database_identity") == existing:
+            info.database_identity, info.published_hash = existing, digest
+            info.publish_result, info.serving = "unchanged", True
+            log.info("publish.unchanged", module=module, database_identity=existing, sha256=digest)
+            if recorded.get("first_boot_config_applied") is False:
+                # created by us, but the first-boot config did not complete (crash in between)
+                await apply_first_boot_config(settings, client, publisher, module)
+            return
+
+    log.info("publish.start", module=module, path=str(path), sha256=digest, size=len(wasm),
+             update=existing is not None)
+    failure: str
+    try:
+        response = await request_with_retry(client, "PUT", f"/v1/database/{module}", what=f"publish {module}",
+                                            backoff=backoff, timeout=PUBLISH_TIMEOUT,
+                                            params={"host_type": "Wasm"}, content=wasm,
+                                            headers={**publisher.headers, "Content-Type": "application/wasm"})
+    except SpacetimeUnavailable as exc:
+        response, failure, code = None, str(exc), EXIT_UNAVAILABLE
+    else:
+        text = body_text(response)
+        refusal = parse_ownership_error(response.status_code, text)
+        if refusal is not None:
+            raise _not_owner_fatal(settings, module, publisher.identity, refusal.owner, refusal.text)
+        if "PermissionDenied" in text:
+            raise _not_owner_fatal(settings, module, publisher.identity, None, text)
+        if response.status_code == 401:
+            owners = {module: existing} if existing else {}
+            raise token_rejected(publisher.identity, settings.config_dir / CLI_TOML, settings.config_dir,
+                                 401, text, token_sub(publisher.token), owners)
+        success = _success(response) if response.is_success else None
+        if success is not None:
+            database_identity = identity_from_json(success.get("database_identity")) or existing
+            op = "created" if success.get("op") == "created" else "updated"
+            created = op == "created"
+            fields: dict[str, Any] = {"hash": digest, "database_identity": database_identity}
+            if created:
+                fields["first_boot_config_applied"] = False
+            entry = update_module_state(settings.config_dir, module, **fields)
+            info.database_identity, info.published_hash = database_identity, digest
+            info.publish_result, info.serving = op, True
+            log.info(f"publish.{op}", module=module, database_identity=database_identity, sha256=digest)
+            if entry.get("first_boot_config_applied") is False and (
+                created or recorded.get("database_identity") == database_identity
+            ):
+                await apply_first_boot_config(settings, client, publisher, module)
+            return
+        failure = f"{response.status_code}: {text or '(no message)'}"
+        code = EXIT_SOFTWARE
+
+    if existing is None:
+        raise Fatal(
+            code,
+            f"first publish of module {module!r} ({path}) failed: {failure}. The database does not exist yet, "
+            "so there is nothing to serve."
+            + (" Check that SpacetimeDB is healthy." if code == EXIT_UNAVAILABLE
+               else " Check that the wasm is a SpacetimeDB module built for this server version."),
+            event="publish.first_failed", module=module, path=str(path), server_message=failure,
+        )
+    info.database_identity, info.published_hash = existing, recorded.get("hash")
+    info.publish_result, info.serving = f"failed: {failure}", True
+    log.error("publish.failed", module=module, database_identity=existing, sha256=digest,
+              server_message=failure,
+              message=f"update of {module!r} was refused; the previously published module keeps serving. "
+                      "Fix the module (or revert the image) and restart to retry.")
+
+
+async def publish_all(settings: Settings, status: Status, client: httpx.AsyncClient, publisher: Publisher,
+                      *, backoff: Backoff = DEFAULT_BACKOFF) -> None:
+    """Publish every module in ``settings.modules`` concurrently; skip the unchanged ones.
+
+    Raises the first ``Fatal`` (a missing wasm, a lost identity, a failed
+    first publish) after cancelling the other modules' work; a failed update
+    of an existing database is reported and does not raise.
+    """
+    status.publisher_identity = publisher.identity
+    for module in settings.modules:
+        status.module(module)
+    tasks = [asyncio.create_task(_publish_one(settings, status, client, publisher, m, backoff),
+                                 name=f"publish:{m}")
+             for m in settings.modules]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# First-boot configuration
+# ---------------------------------------------------------------------------
+
+_NO_TABLE = re.compile(r"not a valid table|no such table|table .* (?:does not exist|not found)", re.I)
+
+
+def first_boot_statement(settings: Settings) -> str:
+    """The owner UPDATE that applies the environment to Pogly's ``Config`` row and closes onboarding."""
+    return (
+        "UPDATE Config SET "
+        f"StreamingPlatform = {sql_string(settings.stream_platform)}, "
+        f"StreamName = {sql_string(settings.stream_name)}, "
+        f"DebugMode = {sql_bool(settings.debug_mode)}, "
+        f"StrictMode = {sql_bool(settings.strict_mode)}, "
+        "ConfigInit = true WHERE Version = 0"
+    )
+
+
+def _config_matches(row: Mapping[str, Any], settings: Settings) -> bool:
+    return (
+        row.get("StreamingPlatform") == settings.stream_platform
+        and row.get("StreamName") == settings.stream_name
+        and row.get("DebugMode") is settings.debug_mode
+        and row.get("StrictMode") is settings.strict_mode
+        and row.get("ConfigInit") is True
+    )
+
+
+async def apply_first_boot_config(settings: Settings, client: httpx.AsyncClient, publisher: Publisher,
+                                  module: str) -> str:
+    """Apply STREAM_*/DEBUG_MODE/STRICT_MODE to a new database's Config row, exactly once.
+
+    Why: Pogly's ``SetConfig`` reducer makes whoever calls it first the owner
+    while ``ConfigInit`` is false; setting it here closes that door.  Runs only
+    for a database we created (or whose creation we recorded but did not
+    finish configuring), and never again once recorded, so later owner changes
+    survive restarts.  A row already initialised is left alone.  Returns what
+    happened: "applied", "already-initialised", "not-pogly" or "failed: …".
+    """
+    async def done(outcome: str) -> str:
+        update_module_state(settings.config_dir, module, first_boot_config_applied=True,
+                            first_boot_config=outcome)
+        return outcome
+
+    select = "SELECT * FROM Config WHERE Version = 0"
+    try:
+        rows = await sql(client, publisher, module, select)
+        if not rows:
+            log.info("config.first_boot_skipped", module=module, reason="no Config row with Version 0")
+            return await done("not-pogly")
+        if rows[0].get("ConfigInit") is True:
+            log.warning("config.first_boot_skipped", module=module, reason="Config already initialised",
+                        message="left untouched: somebody completed onboarding before us")
+            return await done("already-initialised")
+        await sql(client, publisher, module, first_boot_statement(settings))
+        rows = await sql(client, publisher, module, select)
+    except SqlError as exc:
+        if exc.status == 400 and _NO_TABLE.search(exc.text):
+            log.info("config.first_boot_skipped", module=module, reason="no Config table (not a Pogly module)")
+            return await done("not-pogly")
+        log.error("config.first_boot_failed", module=module, server_message=exc.text, status=exc.status,
+                  message="Pogly's onboarding stays open (ConfigInit false) until this succeeds; "
+                          "it is retried at the next start")
+        return f"failed: {exc.text}"
+    except Exception as exc:
+        log.error("config.first_boot_failed", module=module, error=describe_error(exc),
+                  message="retried at the next start")
+        return f"failed: {describe_error(exc)}"
+    if not rows or not _config_matches(rows[0], settings):
+        log.error("config.first_boot_failed", module=module, row=rows[0] if rows else None,
+                  message="the Config row does not show the values just written; retried at the next start")
+        return "failed: read-back mismatch"
+    log.info("config.first_boot_applied", module=module, streaming_platform=settings.stream_platform,
+             stream_name=settings.stream_name, debug_mode=settings.debug_mode,
+             strict_mode=settings.strict_mode)
+    return await done("applied")
+
+
+__all__ = ["apply_first_boot_config", "first_boot_statement", "publish_all"]
