@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str], pending: list[int] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
+    if command != "run":
+        # __main__ catches SIGTERM/SIGINT early for the supervisor's sake; the
+        # short commands want Ctrl-C and SIGTERM to simply end them.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if pending:
+            return 128 + pending[0]
     try:
         if command == "run":
             return cmd_run(pending if pending is not None else [])
@@ -178,8 +185,13 @@ def cmd_render() -> int:
     settings = _settings_or_exit()
     from entrypoint import caddy, webconfig
 
+    try:
+        caddyfile = caddy.render(settings)
+    except caddy.CaddyConfigError as exc:
+        print(f"Caddyfile: cannot render\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print("# ---- Caddyfile ----")
-    print(caddy.render(settings))
+    print(caddyfile)
     print("// ---- config.js ----")
     print(webconfig.render_config_js(settings))
     return 0
@@ -203,12 +215,12 @@ def cmd_probe(which: str, timeout: float) -> int:
 
 
 def cmd_status(as_json: bool) -> int:
-    from entrypoint.health import fetch_status
+    from entrypoint.health import HealthError, fetch_status
 
     addr = _health_addr()
     try:
         data = asyncio.run(fetch_status(addr))
-    except OSError as exc:
+    except (OSError, HealthError) as exc:
         print(f"no supervisor answers on {addr} ({exc}); is pogly-entrypoint running? "
               "(set POGLY_HEALTH_ADDR if it listens elsewhere)", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -29,8 +29,7 @@ delays the message the operator needs.
 Logging: only ``issuer`` and ``client_id`` come from the environment; no other
 setting is ever logged here.  Events: ``oidc.check`` (a check starts),
 ``oidc.retry`` (a transient failure, with the wait before the next attempt),
-``oidc.verified`` (success), ``oidc.unverified`` (a background re-check in
-non-strict mode failed; logged by :func:`watch_until_valid`).  Permanent and
+``oidc.verified`` (success).  Permanent and
 deadline failures are *raised*, not logged, so the caller logs them once next
 to the exit code or the status change it decides on.
 """
@@ -40,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -82,8 +80,6 @@ RETRY_MULTIPLIER_S = 0.5
 RETRY_CAP_S = 10.0
 RETRY_JITTER_S = 0.5
 #: Background re-checks in non-strict mode: slower, capped at a minute.
-WATCH_FIRST_DELAY_S = 5.0
-WATCH_CAP_S = 60.0
 
 #: Algorithms SpacetimeDB verifies with a key from the provider's JWKS, in the
 #: order we prefer them.  HS256 is also accepted by SpacetimeDB, but only with a
@@ -169,7 +165,7 @@ class OidcUnavailable(OidcError):
 
     Under ``STRICT_MODE`` the entrypoint exits 69 (EX_UNAVAILABLE); otherwise it
     keeps serving the overlay, reports ``oidc: unverified`` and re-checks in the
-    background with :func:`watch_until_valid`.
+    background (``Supervisor._oidc``, each check an ``oidc-check`` process).
 
     Extra attributes: ``attempts`` (requests rounds made), ``elapsed`` (seconds),
     ``last_error`` (the last transient failure, as text).
@@ -771,46 +767,3 @@ async def check_provider(
     return report
 
 
-async def watch_until_valid(
-    settings: Settings,
-    on_valid: Callable[[ProviderReport], None],
-    client: httpx.AsyncClient | None = None,
-    *,
-    first_delay: float = WATCH_FIRST_DELAY_S,
-    cap: float = WATCH_CAP_S,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Any] = asyncio.sleep,
-    rng: Callable[[], float] = random.random,
-) -> ProviderReport:
-    """Re-check in the background until the provider validates, then call ``on_valid`` once.
-
-    For non-strict mode after :func:`check_provider` raised ``OidcUnavailable``:
-    the overlay keeps serving while sign-in is ``unverified``.  Waits grow from
-    ``first_delay`` to ``cap`` with ±25 % jitter (so many containers restarted
-    together do not hit the provider in step); each round is one
-    :func:`check_provider` bounded by ``min(OIDC_DISCOVERY_TIMEOUT, 30 s)``.
-    A permanent error is logged and re-checked too: a provider being
-    reconfigured or upgraded often answers 404 for a while.
-
-    Cancel the task to stop it; cancellation propagates at once from a wait or
-    a request, and the HTTP client (if created here) is closed.
-    """
-    bound = log.bind(issuer=settings.oidc_issuer, client_id=settings.oidc_client_id)
-    delay = first_delay
-    rounds = 0
-    async with _client_scope(client) as http:
-        while True:
-            jittered = delay * (0.75 + 0.5 * rng())
-            await sleep(jittered)
-            rounds += 1
-            budget = min(settings.oidc_discovery_timeout, 30.0)
-            try:
-                report = await check_provider(settings, http, deadline=clock() + budget, clock=clock,
-                                              sleep=sleep)
-            except OidcError as exc:
-                delay = min(cap, delay * 2)
-                bound.warning("oidc.unverified", round=rounds, reason=exc.reason, error=str(exc),
-                              next_check_in_s=round(delay, 1))
-                continue
-            on_valid(report)
-            return report

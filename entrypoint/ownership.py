@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
 from entrypoint.identity import from_claims, normalize_hex
-from entrypoint.sqlapi import SqlError, sql, sql_identity
+from entrypoint.sqlapi import SqlError, is_missing_table, sql, sql_identity
 from entrypoint.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
@@ -97,7 +96,6 @@ R_NOT_LISTED = "not-in-owner-subjects"
 R_NO_GUEST = "no-guest-row"
 R_GUEST_IDENTITY = "guest-identity-mismatch"
 
-_NO_TABLE = re.compile(r"not a valid table|no such table|table .* (?:does not exist|not found)", re.I)
 
 SqlFn = Callable[[str], Awaitable[list[dict[str, Any]]]]
 Sleep = Callable[[float], Awaitable[None]]
@@ -382,7 +380,7 @@ class Watcher:
             config = await self.sql_fn("SELECT * FROM Config WHERE Version = 0")
             heartbeat = await self.sql_fn("SELECT * FROM Heartbeat WHERE Id = 0")
         except SqlError as exc:
-            if exc.status == 400 and _NO_TABLE.search(exc.text):
+            if is_missing_table(exc):
                 raise self._not_pogly(f"no Config/Heartbeat table ({exc.text})") from None
             raise
         try:
@@ -403,7 +401,7 @@ class Watcher:
         try:
             credentials = await self.sql_fn("SELECT * FROM st_connection_credentials")
         except SqlError as exc:
-            if exc.status == 400 and _NO_TABLE.search(exc.text):
+            if is_missing_table(exc):
                 log.error("ownership.unsupported", module=self.module, server_message=exc.text,
                           message="this SpacetimeDB does not expose st_connection_credentials, so the first "
                                   "user cannot be recognised; auto-claim is off for this database")

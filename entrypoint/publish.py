@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from entrypoint.config import Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
 from entrypoint.publisher import Publisher, token_rejected, token_sub
 from entrypoint.spacetime import CLI_TOML
-from entrypoint.sqlapi import SqlError, sql, sql_bool, sql_string
+from entrypoint.sqlapi import SqlError, is_missing_table, sql, sql_bool, sql_string
 from entrypoint.statefile import module_state, update_module_state
 from entrypoint.stdbhttp import (
     DEFAULT_BACKOFF,
@@ -251,7 +250,6 @@ async def publish_all(settings: Settings, status: Status, client: httpx.AsyncCli
 # First-boot configuration
 # ---------------------------------------------------------------------------
 
-_NO_TABLE = re.compile(r"not a valid table|no such table|table .* (?:does not exist|not found)", re.I)
 
 
 def first_boot_statement(settings: Settings) -> str:
@@ -305,7 +303,7 @@ async def apply_first_boot_config(settings: Settings, client: httpx.AsyncClient,
         await sql(client, publisher, module, first_boot_statement(settings))
         rows = await sql(client, publisher, module, select)
     except SqlError as exc:
-        if exc.status == 400 and _NO_TABLE.search(exc.text):
+        if is_missing_table(exc):
             log.info("config.first_boot_skipped", module=module, reason="no Config table (not a Pogly module)")
             return await done("not-pogly")
         log.error("config.first_boot_failed", module=module, server_message=exc.text, status=exc.status,

@@ -8,6 +8,7 @@ formatting raw text into SQL.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from entrypoint.stdbhttp import CONNECT_TIMEOUT, REQUEST_TIMEOUT, SpacetimeError, body_text
@@ -25,6 +26,14 @@ class SqlError(SpacetimeError):
         super().__init__(f"SQL on {database!r} failed ({status}): {text or '(no message)'}", status, text)
         self.database = database
         self.statement = statement
+
+
+_NO_TABLE = re.compile(r"not a valid table|no such table|table .* (?:does not exist|not found)", re.I)
+
+
+def is_missing_table(exc: SqlError) -> bool:
+    """The statement named a table this database does not have (e.g. not Pogly's module)."""
+    return exc.status == 400 and bool(_NO_TABLE.search(exc.text))
 
 
 def sql_string(value: str) -> str:

@@ -26,7 +26,6 @@ from entrypoint.oidc import (
     redirect_uris,
     redirect_uris_note,
     transport_problem,
-    watch_until_valid,
 )
 from tests.oidc.canned import (
     REQUIRED_FIELDS,
@@ -480,61 +479,6 @@ def test_logs_only_issuer_and_client_id_from_the_environment(canned: CannedServe
 
 
 # --------------------------------------------------------------------------- background re-check
-
-
-def test_watch_until_valid_recovers(canned: CannedServer) -> None:
-    issuer = serve(canned)
-    canned.set(WELL_KNOWN, *[Reply(503)] * 4, Reply(body=discovery_doc(issuer, canned.base)))
-    clock = FakeClock()
-    seen: list[ProviderReport] = []
-    with structlog.testing.capture_logs() as events:
-        report = asyncio.run(watch_until_valid(
-            settings_for(issuer, oidc_discovery_timeout=2.0), seen.append, clock=clock, sleep=clock.sleep,
-            first_delay=5.0, cap=60.0,
-        ))
-    assert seen == [report] and report.issuer == issuer
-    unverified = [e for e in events if e["event"] == "oidc.unverified"]
-    assert len(unverified) >= 1 and unverified[0]["reason"] == "unreachable"
-    assert events[-1]["event"] == "oidc.verified"
-
-
-def test_watch_until_valid_backoff_is_capped(canned: CannedServer) -> None:
-    issuer = canned.base + "/gone"  # 404: permanent, but watched anyway
-    clock = FakeClock()
-    calls: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        calls.append(seconds)
-        if len(calls) > 8:
-            raise asyncio.CancelledError
-        await clock.sleep(seconds)
-
-    async def main() -> None:
-        await watch_until_valid(settings_for(issuer), lambda r: None, clock=clock, sleep=sleep,
-                                first_delay=5.0, cap=60.0, rng=lambda: 1.0)
-
-    with pytest.raises(asyncio.CancelledError):
-        asyncio.run(main())
-    assert calls[:5] == [6.25, 12.5, 25.0, 50.0, 75.0]  # delay x1.25 (max jitter), doubling, capped
-
-
-def test_watch_until_valid_cancels_cleanly_mid_request(canned: CannedServer) -> None:
-    issuer = canned.base
-    canned.set(WELL_KNOWN, Reply(hang=True))
-    called: list[ProviderReport] = []
-
-    async def main() -> None:
-        task = asyncio.create_task(watch_until_valid(settings_for(issuer), called.append, first_delay=0))
-        assert await asyncio.to_thread(canned.wait_for_hits, WELL_KNOWN, 1, 10.0)
-        task.cancel()
-        started = time.monotonic()
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 5)
-        assert time.monotonic() - started < 1.0
-        assert task.cancelled()
-
-    asyncio.run(main())
-    assert called == []
 
 
 # --------------------------------------------------------------------------- redirect URIs

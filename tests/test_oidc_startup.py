@@ -5,7 +5,10 @@ The provider is the real ``oidc-provider`` (tests/js/oidc_server.mjs).
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -67,3 +70,23 @@ def test_unreachable_provider_keeps_serving_then_verifies_when_it_appears(tmp_pa
             assert status["oidc"] == "verified"
         run.signal(signal.SIGTERM)
         assert run.wait() == 0
+
+
+def test_check_and_render_commands(tmp_path: Path) -> None:
+    with node_provider("--shape", "authentik") as provider:
+        env = base_env(tmp_path, OIDC_ISSUER=provider.issuer, POGLY_PUBLIC_URL="https://overlay.example.com")
+        check = subprocess.run([sys.executable, "-m", "entrypoint", "check"], env=env, capture_output=True,
+                               timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+        out = check.stdout.decode()
+        assert json.loads(out[: out.index("\nCaddyfile:")])["settings"]["oidc_issuer"] == provider.issuer
+        assert "Caddyfile: valid" in out and "OIDC provider: verified" in out
+        assert "https://overlay.example.com/callback" in out
+        assert "https://overlay.example.com/silent-oidc-renew.html" in out
+        env["OIDC_ISSUER"] = provider.issuer.rstrip("/")
+        bad = subprocess.run([sys.executable, "-m", "entrypoint", "check"], env=env, capture_output=True, timeout=60)
+        assert bad.returncode == 78 and b"trailing slash" in bad.stdout
+    render = subprocess.run([sys.executable, "-m", "entrypoint", "render"], env=env, capture_output=True, timeout=30)
+    assert render.returncode == 0
+    assert b"reverse_proxy" in render.stdout and b"window.POGLY_RUNTIME_CONFIG" in render.stdout
+    assert not (tmp_path / "run").exists()  # render and check write nothing to the run dir

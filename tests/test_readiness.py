@@ -112,6 +112,8 @@ def test_probe_command_reports_ready_and_live(tmp_path: Path) -> None:
                               capture_output=True, timeout=30).returncode
 
     assert probe("live") == 1  # nothing running yet
+    idle = subprocess.run([sys.executable, "-m", "entrypoint", "status"], env=env, capture_output=True, timeout=30)
+    assert idle.returncode == 69 and b"no supervisor answers" in idle.stderr
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
         assert probe("ready") == 0 and probe("live") == 0
