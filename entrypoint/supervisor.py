@@ -10,8 +10,8 @@
       │    ├─ OIDC: `oidc-check` process (fatal if wrong; unreachable → "unverified", re-checked)
       │    ├─ lifecycle: once SpacetimeDB is ready → identity → publish → module logs, ownership,
       │    │             and a re-check of every module after each SpacetimeDB restart
-      │    └─ announce "ready" once SpacetimeDB, Caddy, the modules and the OIDC verdict are
-      ├─ health server (/livez, /readyz, /status on POGLY_HEALTH_ADDR)
+      │    ├─ announce "ready" once SpacetimeDB, Caddy, the modules and the OIDC verdict are
+      │    └─ health server (/livez, /readyz, /status on POGLY_HEALTH_ADDR), started last
       └─ on stop or fatal: no more restarts; cancel _main and, meanwhile, _shutdown():
            /readyz 503 → Caddy SIGTERM (its grace) → SpacetimeDB SIGINT (rest of the budget)
            → wait for _main's helpers to be gone → as PID 1, sweep stragglers → exit
@@ -61,6 +61,7 @@ class Supervisor:
         self._oidc_checked = asyncio.Event()
         self._exit_code = 0
         self._launched = clock()
+        self._health: Any = None
 
     # -- signals -----------------------------------------------------------------
     def request_stop(self, signum: int) -> None:
@@ -75,8 +76,7 @@ class Supervisor:
 
     # -- main ------------------------------------------------------------------------
     async def run(self) -> int:
-        main = asyncio.create_task(self._main(), name="main")  # children first: probes can wait a few ms
-        health = await self._start_health()
+        main = asyncio.create_task(self._main(), name="main")
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -89,23 +89,23 @@ class Supervisor:
             await main  # its short-lived helpers (caddy validate, oidc-check) are killed and reaped by now
         if os.getpid() == 1:
             self._kill_stragglers()
-        if health is not None:
-            await health.close()
+        if self._health is not None:
+            await self._health.close()
         log.info("entrypoint.exit", exit_code=self._exit_code, orphans_reaped=self.reaper.orphans_reaped,
                  uptime_s=round(self.clock() - self._launched, 3))
         return self._exit_code
 
-    async def _start_health(self) -> Any:
+    async def _serve_health(self) -> None:
+        """Start /livez, /readyz, /status; it outlives _main so probes see the whole shutdown."""
         from entrypoint.health import HealthServer
 
         server = HealthServer(self.status, self.settings.health_addr.host, self.settings.health_addr.port)
         try:
             await server.start()
         except OSError as exc:
-            self._fail(Fatal(EXIT_UNAVAILABLE, f"cannot listen on POGLY_HEALTH_ADDR={self.settings.health_addr}: "
-                             f"{exc}; choose a free loopback port", event="health.listen_failed"))
-            return None
-        return server
+            raise Fatal(EXIT_UNAVAILABLE, f"cannot listen on POGLY_HEALTH_ADDR={self.settings.health_addr}: "
+                        f"{exc}; choose a free loopback port", event="health.listen_failed") from exc
+        self._health = server
 
     async def _main(self) -> None:
         try:
@@ -117,6 +117,9 @@ class Supervisor:
                 tasks.create_task(self._oidc(), name="oidc")
                 tasks.create_task(self._lifecycle(), name="lifecycle")
                 tasks.create_task(self._announce_ready(), name="ready")
+                # Last: tasks take their first step in creation order, so both children (and the
+                # caddy validate / oidc-check helpers) are spawned before the health server's imports.
+                tasks.create_task(self._serve_health(), name="health")
         except* Fatal as group:
             self._fail(group.exceptions[0])  # type: ignore[arg-type]
         except* Exception as group:
