@@ -76,6 +76,10 @@ def main() -> int:
         shutil.copy(FIXTURE_WASM, modules / "pogly.wasm")
 
     env = dict(os.environ)
+    # A home of its own: SpacetimeDB's CLI link (~/.config/spacetime) and Caddy's
+    # state land under .local/, never in the developer's real home.
+    env["HOME"] = str(LOCAL / "home")
+    Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
     env.setdefault("POGLY_HTTP_PORT", str(http_port))
     env.setdefault("POGLY_SPACETIME_ADDR", f"127.0.0.1:{pick(3000)}")
     env.setdefault("POGLY_HEALTH_ADDR", f"127.0.0.1:{pick(8079)}")
