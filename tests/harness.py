@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -92,16 +92,30 @@ def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def descendants(root: int) -> list[int]:
-    """Every process below ``root`` (children, grandchildren, re-parented orphans)."""
-    parents: dict[int, int] = {}
+class Proc(NamedTuple):
+    pid: int
+    comm: str
+    state: str  # "R", "S", "Z", …
+    ppid: int
+
+
+def processes() -> list[Proc]:
+    """Every process visible in /proc, from its ``stat`` line."""
+    out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            rest = stat[stat.rindex(")") + 2 :].split()
+            out.append(Proc(int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")], rest[0], int(rest[1])))
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, grandchildren, re-parented orphans)."""
+    parents = {p.pid: p.ppid for p in processes()}
     found: list[int] = []
     frontier = [root]
     while frontier:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import STANDIN, Running, base_env, wait_for
+from tests.harness import STANDIN, Proc, Running, base_env, processes, wait_for
 
 pytestmark = pytest.mark.pid1
 
@@ -29,25 +29,20 @@ def script(tmp: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def namespace_procs(inner_pid: int) -> list[tuple[int, str, str]]:
-    """(pid, comm, state) of every process in the PID namespace of ``inner_pid``."""
+def namespace_procs(inner_pid: int) -> list[Proc]:
+    """Every process in the PID namespace of ``inner_pid``."""
     try:
         ns = os.readlink(f"/proc/{inner_pid}/ns/pid")
     except OSError:
         return []
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+
+    def same_ns(pid: int) -> bool:
         try:
-            if os.readlink(entry / "ns" / "pid") != ns:
-                continue
-            stat = (entry / "stat").read_text()
+            return os.readlink(f"/proc/{pid}/ns/pid") == ns
         except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        found.append((int(entry.name), comm, stat[stat.rindex(")") + 2]))
-    return found
+            return False
+
+    return [p for p in processes() if same_ns(p.pid)]
 
 
 def stopped_cleanly(run: Running) -> None:
@@ -98,7 +93,7 @@ exec {STANDIN} "$@"
 
         def no_zombies() -> bool:
             procs = namespace_procs(run.inner_pid)
-            return not [p for p in procs if p[2] == "Z"] and not [p for p in procs if p[1] == "sleep"]
+            return not [p for p in procs if p.state == "Z" or p.comm == "sleep"]
 
         # The orphans sleep 0.3 s; the issue's bar is zero zombies within 1 s after that.
         wait_for(no_zombies, 1.3, "all 100 orphans reaped")
@@ -120,35 +115,18 @@ while :; do sleep 0.05; done
         run.wait_event("child.started", child="spacetimedb")
         me = run.proc.pid
 
-        def zombies() -> list[int]:
-            out = []
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        stat = (entry / "stat").read_text()
-                    except OSError:
-                        continue
-                    fields = stat[stat.rindex(")") + 2 :].split()
-                    if int(fields[1]) == me and fields[0] == "Z":
-                        out.append(int(entry.name))
-            return out
+        def orphans() -> list[Proc]:
+            return [p for p in processes() if p.ppid == me and (p.state == "Z" or p.comm == "sleep")]
+
+        wait_for(orphans, 5, "orphaned sleeps re-parented to the subreaper")  # not a vacuous pass below
 
         def reaped() -> bool:
-            return not zombies() and not any(
-                p for p in Path("/proc").iterdir() if p.name.isdigit() and _comm_parent(p) == ("sleep", me))
+            return not orphans()
 
         wait_for(reaped, 5, "orphans adopted and reaped by the subreaper")
         run.signal(signal.SIGTERM)
         assert run.wait() == 0
     assert run.find(lambda e: e.get("event") == "entrypoint.start")[0]["reaper"] == "subreaper"
-
-
-def _comm_parent(entry: Path) -> tuple[str, int] | None:
-    try:
-        stat = (entry / "stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.index("(") + 1 : stat.rindex(")")], int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 @pytest.mark.parametrize("when", ["handlers", 0.05, 0.1, 0.2, "readiness"])
