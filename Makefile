@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 
 node: $(NODE_STAMP)
 $(NODE_STAMP): tests/js/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
