@@ -58,7 +58,8 @@ def one_run(issuer: str) -> dict[str, float]:
     launched = time.time()
     with Running(env, pid1=os.geteuid() == 0, command=[CONSOLE_SCRIPT]) as run:
         ready = run.wait_event("entrypoint.ready", timeout=60)
-        started = {e["child"]: ts(e) for e in run.find(lambda e: e.get("event") == "child.started")}
+        started = {e["child"]: e.get("prespawned_at") or ts(e)
+                   for e in run.find(lambda e: e.get("event") == "child.started")}
         caddy_line = run.find(lambda e: e.get("service") == "caddy"
                               and e.get("event") == "serving initial configuration")[0]
         caddy_ready = run.find(lambda e: e.get("event") == "child.ready" and e.get("child") == "caddy")[0]

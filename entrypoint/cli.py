@@ -8,7 +8,6 @@ child's code or 128+signal; 70 internal error; 1 a failed probe.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -88,37 +87,46 @@ def _settings_or_exit() -> Any:
 
 def cmd_run(pending: list[int]) -> int:
     settings = _settings_or_exit()
+    from entrypoint.spacetime import prespawn
+    from entrypoint.spawn import become_subreaper
+
+    # Adopt orphans before the first child exists (PID 1 does so by nature).
+    reaper_role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
+
+    # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and
+    # the supervisor cost ~80 ms of imports that it need not wait for.
+    early = None if pending else prespawn(settings)
+    import asyncio
+
     from entrypoint import logs
 
     logs.configure(settings.log_format, settings.debug_mode)
-    return asyncio.run(_run(settings, pending))
+    return asyncio.run(_run(settings, pending, early, reaper_role))
 
 
-async def _run(settings: Any, pending: list[int]) -> int:
+async def _run(settings: Any, pending: list[int], early: tuple[int, int, int, float] | None,
+               role: str) -> int:
+    import asyncio
+
     from entrypoint import logs
-    from entrypoint.process import Reaper, become_subreaper
+    from entrypoint.process import Reaper
     from entrypoint.supervisor import Supervisor
 
     log = logs.get()
+    log.info("entrypoint.start", version=__import__("entrypoint").__version__, pid=os.getpid(), reaper=role,
+             issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
+    if role == "none":
+        log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
+                    "orphans of our children will not be reaped by us")
     loop = asyncio.get_running_loop()
-    reaper = Reaper()
+    reaper = Reaper(expected=(early[0],) if early else ())
     reaper.install(loop)
-    supervisor = Supervisor(settings, reaper)
+    supervisor = Supervisor(settings, reaper, early_spacetime=early)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.request_stop, sig)
     for sig in pending:  # caught by __main__ before the loop existed
         supervisor.request_stop(sig)
     pending.clear()
-    if os.getpid() == 1:
-        role = "pid1"
-    elif become_subreaper():
-        role = "subreaper"
-    else:
-        role = "none"
-        log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
-                    "orphans of our children will not be reaped by us")
-    log.info("entrypoint.start", version=__import__("entrypoint").__version__, pid=os.getpid(), reaper=role,
-             issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
     code = await supervisor.run()
     # Every child is gone and every file was written atomically: skip the
     # interpreter's teardown (~150 ms of module finalisation) and exit now.
@@ -128,6 +136,8 @@ async def _run(settings: Any, pending: list[int]) -> int:
 
 
 def cmd_check() -> int:
+    import asyncio
+
     settings = _settings_or_exit()
     from entrypoint import logs
 
@@ -137,6 +147,8 @@ def cmd_check() -> int:
 
 
 async def _check(settings: Any) -> int:
+    import asyncio
+
     from entrypoint import caddy, oidc, webconfig
     from entrypoint.process import Reaper, run_capture
 
@@ -209,12 +221,16 @@ def _health_addr() -> Any:
 
 
 def cmd_probe(which: str, timeout: float) -> int:
+    import asyncio
+
     from entrypoint.health import probe
 
     return asyncio.run(probe(_health_addr(), which, timeout))
 
 
 def cmd_status(as_json: bool) -> int:
+    import asyncio
+
     from entrypoint.health import HealthError, fetch_status
 
     addr = _health_addr()
@@ -259,6 +275,8 @@ def cmd_oidc_check(timeout: float | None) -> int:
     its own log; the verdict is one JSON object on stdout; the exit code is 0,
     78 (the provider's answer is wrong) or 69 (no usable answer in time).
     """
+    import asyncio
+
     settings = _settings_or_exit()
     from dataclasses import replace
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import time
@@ -26,24 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from entrypoint import logs
+from entrypoint.spawn import spawn
 
-PR_SET_CHILD_SUBREAPER = 36
-_DEFAULT_SIGNALS = {
-    s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP) and s < 32
-}
 READ_CHUNK = 65536
 DRAIN_TIMEOUT = 1.0
 
 LineSink = Callable[[str, bytes, bool], None]  # (stream, raw line, truncated)
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants when we are not PID 1 (``PR_SET_CHILD_SUBREAPER``)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 class Reaper:
@@ -54,13 +41,17 @@ class Reaper:
     a child can never be reaped before it is registered.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected: tuple[int, ...] = ()) -> None:
         self._waiters: dict[int, asyncio.Future[int]] = {}
+        self._expected = expected  # children spawned before the event loop existed
+        self._early: dict[int, asyncio.Future[int]] = {}
         self.orphans_reaped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        for pid in self._expected:  # registered first, so the reap below cannot mistake them for orphans
+            self._early[pid] = self._waiters[pid] = loop.create_future()
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         self.reap()  # anything that died before the handler existed
 
@@ -70,6 +61,8 @@ class Reaper:
         self._loop = None
 
     def register(self, pid: int) -> asyncio.Future[int]:
+        if pid in self._early:  # spawned before the loop: its future may already hold the exit status
+            return self._early.pop(pid)
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._waiters[pid] = future
@@ -145,43 +138,6 @@ class ChildSpec:
     stop_signal: int = signal.SIGTERM
     grace: float = 10.0
     cwd: str | None = None
-
-
-def spawn(argv: list[str], env: dict[str, str], cwd: str | None = None) -> tuple[int, int, int]:
-    """Start ``argv`` with stdin=/dev/null, own process group, default signals.
-
-    Returns ``(pid, stdout_fd, stderr_fd)``; the fds are non-blocking read ends.
-    Raises ``OSError`` when the program cannot be executed.
-    """
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, out_w, 1),
-        (os.POSIX_SPAWN_DUP2, err_w, 2),
-    ]
-    old_cwd = None
-    try:
-        if cwd:
-            old_cwd = os.open(".", os.O_RDONLY)
-            os.chdir(cwd)
-        pid = os.posix_spawn(
-            argv[0], argv, env,
-            file_actions=actions, setpgroup=0, setsigmask=(), setsigdef=_DEFAULT_SIGNALS,
-        )
-    except BaseException:
-        for fd in (out_r, err_r):
-            os.close(fd)
-        raise
-    finally:
-        os.close(out_w)
-        os.close(err_w)
-        if old_cwd is not None:
-            os.fchdir(old_cwd)
-            os.close(old_cwd)
-    os.set_blocking(out_r, False)
-    os.set_blocking(err_r, False)
-    return pid, out_r, err_r
 
 
 Spawner = Callable[[list[str], dict[str, str], str | None], tuple[int, int, int]]

@@ -51,6 +51,7 @@ class Service:
         self.spawner = spawner
         self.policy = policy or RestartPolicy()
         self.child: Child | None = None
+        self._adopted: Child | None = None
         self.first_ready = asyncio.Event()
         self.stopping = False  # set by the supervisor at shutdown: never start or restart again
         self.generation = 0  # how many runs became ready; lets others react to a restart
@@ -119,13 +120,30 @@ class Service:
             except ExitedBeforeReady as died:
                 await self._after_death(child, died.code, was_ready=False)
 
+    def adopt(self, early: tuple[int, int, int, float]) -> None:
+        """Take over a child spawned before the event loop existed (``spacetime.prespawn``).
+
+        It becomes ``self.child`` at once, so a stop requested before the first
+        ``supervise`` step still stops it; ``_start`` then hands it out instead
+        of spawning.
+        """
+        spec = self.spec()
+        child = Child(spec, self.reaper, self._sink, lambda *_: early[:3])
+        self._start_child(child, spec, spawned_at=early[3])
+        self._adopted = child
+
     def _start(self) -> Child | None:
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None:
+            return adopted
         if self.stopping:
             raise asyncio.CancelledError
         spec = self.spec()
+        return self._start_child(Child(spec, self.reaper, self._sink, self.spawner), spec)
+
+    def _start_child(self, child: Child, spec: ChildSpec, spawned_at: float | None = None) -> Child | None:
         self._ready.clear()
         self._redactors = {"stdout": logs.LineRedactor(), "stderr": logs.LineRedactor()}
-        child = Child(spec, self.reaper, self._sink, self.spawner)
         self.child = child
         self.info.state = state.STARTING
         try:
@@ -137,8 +155,9 @@ class Service:
             self.info.last_exit = f"spawn failed: {exc}"
             return None
         self.info.pid = child.pid
-        self.info.started_at = time.time()
-        log.info("child.started", child=self.name, pid=child.pid, argv=spec.argv)
+        self.info.started_at = spawned_at or time.time()
+        extra = {"prespawned_at": spawned_at} if spawned_at else {}
+        log.info("child.started", child=self.name, pid=child.pid, argv=spec.argv, **extra)
         return child
 
     async def _race_ready(self, child: Child) -> None:

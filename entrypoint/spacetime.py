@@ -16,20 +16,17 @@ the databases (reference/spacetimedb.md §2-§5).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import stat
+import time
 from pathlib import Path
-
-import structlog
 
 from entrypoint.config import HostPort, Settings, parse_host_port
 from entrypoint.errors import EXIT_CONFIG, Fatal
 from entrypoint.fsutil import SECRET_MODE
-
-log = structlog.get_logger("spacetime")
+from entrypoint.spawn import spawn
 
 CLI_TOML = "cli.toml"
 PRIVATE_KEY = "id_ecdsa"
@@ -93,12 +90,33 @@ def parse_listening_addr(line: str) -> HostPort | None:
     return parse_host_port(match.group(1)) if match else None
 
 
+def prespawn(settings: Settings) -> tuple[int, int, int, float] | None:
+    """Start SpacetimeDB before the event loop and the logging library are imported.
+
+    SpacetimeDB takes longest to become ready, so it goes first: this runs right
+    after the configuration is read (about 40 ms after ``exec``) instead of
+    after ~80 ms of imports.  Only when its volumes are plainly usable; on any
+    doubt return None and let the supervisor start it, check and report.
+    Returns ``(pid, stdout_fd, stderr_fd, wall-clock spawn time)``.
+    """
+    for path in (settings.data_dir, settings.config_dir):
+        if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+            return None
+    try:
+        check_keys(settings.config_dir)
+        return (*spawn(command(settings), dict(os.environ)), time.time())
+    except (Fatal, OSError):
+        return None
+
+
 async def ping(addr: HostPort, timeout: float) -> bool:
     """``GET /v1/ping`` → True on 200, False on anything else, within ``timeout``.
 
     Raw asyncio streams on purpose: this is polled during start-up in PID 1,
     where loading httpx would delay readiness for nothing.
     """
+    import asyncio  # only once the event loop runs: this module is imported before it exists
+
     status_line = b""
     try:
         async with asyncio.timeout(timeout):
@@ -152,6 +170,9 @@ def tighten_key_modes(config_dir: Path) -> list[Path]:
     Best effort: a read-only or foreign-owned volume only gets a warning.
     Returns the files whose mode was changed.
     """
+    import structlog
+
+    log = structlog.get_logger("spacetime")
     changed: list[Path] = []
     for name in (PRIVATE_KEY, PUBLIC_KEY, CLI_TOML):
         path = config_dir / name

@@ -47,13 +47,15 @@ STOP_MARGIN = 0.5  # seconds kept back from POGLY_STOP_TIMEOUT for our own exit
 
 class Supervisor:
     def __init__(self, settings: Settings, reaper: Reaper, *, clock: Callable[[], float] = time.monotonic,
-                 spawner: Spawner = spawn) -> None:
+                 spawner: Spawner = spawn, early_spacetime: tuple[int, int, int, float] | None = None) -> None:
         self.settings = settings
         self.reaper = reaper
         self.clock = clock
         self.status = state.Status()
         self.spacetime = SpacetimeService(settings, self.status, reaper, clock=clock, spawner=spawner)
         self.caddy = CaddyService(settings, self.status, reaper, clock=clock, spawner=spawner)
+        if early_spacetime is not None:  # spawned before the event loop: see spacetime.prespawn
+            self.spacetime.adopt(early_spacetime)
         self.stop_order: list[Service] = [self.caddy, self.spacetime]
         self._stop = asyncio.Event()
         self._force = asyncio.Event()

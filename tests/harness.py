@@ -66,6 +66,8 @@ def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
     )
     modules = tmp / "modules"
     modules.mkdir(exist_ok=True)
+    for volume in ("stdb", "config"):  # the image's mount points exist, as Docker/Kubernetes volumes do
+        (tmp / volume).mkdir(mode=0o700, exist_ok=True)
     if FIXTURE_WASM.exists():
         shutil.copy(FIXTURE_WASM, modules / "pogly.wasm")
     env = {

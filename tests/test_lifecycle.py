@@ -105,7 +105,7 @@ def test_lock_held_forever_exits_69_naming_the_pid(tmp_path: Path) -> None:
 def test_stale_pidfile_with_dead_pid_does_not_block(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     data = Path(env["POGLY_DATA_DIR"])
-    data.mkdir(parents=True)
+    data.mkdir(parents=True, exist_ok=True)
     (data / "spacetime.pid").write_text("999999")
     inode = (data / "spacetime.pid").stat().st_ino
     with Running(env, pid1=True) as run:

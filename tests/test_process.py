@@ -157,3 +157,24 @@ def test_spawn_failure_raises_oserror() -> None:
             reaper.uninstall()
 
     asyncio.run(main())
+
+
+def test_child_spawned_before_the_loop_keeps_its_exit_status() -> None:
+    """spacetime.prespawn: the child may even be dead before the reaper exists."""
+    from entrypoint.spawn import spawn
+
+    pid, out_fd, err_fd = spawn(["/bin/sh", "-c", "echo early; exit 5"], dict(os.environ))
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead (a zombie) before any loop exists
+
+    async def main() -> tuple[int, list[bytes], int]:
+        reaper = Reaper(expected=(pid,))
+        reaper.install(asyncio.get_running_loop())  # reaps the zombie: must not count it as an orphan
+        lines: list[bytes] = []
+        child = Child(ChildSpec("early", ["unused"], {}, signal.SIGTERM, 1), reaper,
+                      lambda s, raw, t: lines.append(raw), lambda *_: (pid, out_fd, err_fd))
+        child.start()
+        code = await child.wait()
+        reaper.uninstall()
+        return code, lines, reaper.orphans_reaped
+
+    assert asyncio.run(main()) == (5, [b"early"], 0)
