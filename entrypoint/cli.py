@@ -221,11 +221,9 @@ def _health_addr() -> Any:
 
 
 def cmd_probe(which: str, timeout: float) -> int:
-    import asyncio
+    from entrypoint.health import main_probe
 
-    from entrypoint.health import probe
-
-    return asyncio.run(probe(_health_addr(), which, timeout))
+    return main_probe(_health_addr(), which, timeout)  # type: ignore[arg-type]
 
 
 def cmd_status(as_json: bool) -> int:

@@ -115,7 +115,11 @@ def get(name: str = "entrypoint") -> Any:
 
 
 class LineRedactor:
-    """Per-stream redaction state: hides every line of a multi-line private key."""
+    """Per-stream redaction state: hides every line of a multi-line private key.
+
+    Only the state that spans lines lives here; tokens within a line are masked
+    by ``_redact_processor``, which every event (ours and children's) passes.
+    """
 
     def __init__(self) -> None:
         self.in_key = False
@@ -128,7 +132,7 @@ class LineRedactor:
         if _PEM_BEGIN.search(line) and not _PEM_END.search(line):
             self.in_key = True
             return f"-----BEGIN PRIVATE KEY----- {REDACTED} (multi-line key hidden)"
-        return redact(line)
+        return line
 
 
 def decode_line(raw: bytes, truncated: bool = False) -> str:

@@ -35,6 +35,14 @@ class ExitedBeforeReady(Exception):
         self.code = code
 
 
+class LockHeld(Exception):
+    """SpacetimeDB refused to start: another live process holds ``spacetime.pid`` (an flock)."""
+
+    def __init__(self, holder: int) -> None:
+        super().__init__(f"lock held by pid {holder}")
+        self.holder = holder
+
+
 class Service:
     """One supervised child slot: start, readiness, restart with backoff, stop."""
 
@@ -292,10 +300,6 @@ class SpacetimeService(Service):
         import tenacity
 
         deadline = self.clock() + self.settings.lock_wait
-        last_holder: list[int] = []
-
-        class LockHeld(Exception):
-            pass
 
         async def attempt() -> Child:
             child = self._start()
@@ -310,9 +314,8 @@ class SpacetimeService(Service):
                     await self._after_death(child, died.code, was_ready=False)
                     raise
                 holder = self.lock_holder
-                last_holder[:] = [holder]
                 if await self._stop_leftover(holder):
-                    raise LockHeld() from None
+                    raise LockHeld(holder) from None
                 self.info.state = state.BACKOFF
                 self.info.pid = None
                 self.info.last_exit = f"lock held by pid {holder}"
@@ -320,7 +323,7 @@ class SpacetimeService(Service):
                             waited_s=round(self.settings.lock_wait - (deadline - self.clock()), 1),
                             wait_limit_s=self.settings.lock_wait,
                             hint="another SpacetimeDB holds the data directory; waiting for it to exit")
-                raise LockHeld() from None
+                raise LockHeld(holder) from None
 
         while True:
             try:
@@ -332,8 +335,8 @@ class SpacetimeService(Service):
                 ):
                     with try_:
                         return await attempt()
-            except LockHeld:
-                holder = last_holder[0] if last_holder else 0
+            except LockHeld as held:
+                holder = held.holder
                 raise Fatal(
                     EXIT_UNAVAILABLE,
                     f"SpacetimeDB could not lock {self.settings.data_dir}: spacetime.pid is held by live "
@@ -398,11 +401,13 @@ class CaddyService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.caddyfile: Path | None = None
+        self._ready_msg: str | None = None  # caddy.READY_MSG, set in prepare (caddy.py imports jinja2)
 
     async def prepare(self) -> None:
         from entrypoint import caddy, webconfig
         from entrypoint.process import run_capture
 
+        self._ready_msg = caddy.READY_MSG
         webconfig.write_config_js(self.settings)
         webconfig.ensure_index_loads_config(self.settings.web_root)  # logs what it did
         try:
@@ -442,7 +447,7 @@ class CaddyService(Service):
                          caddy.environment(self.settings, dict(os.environ)), signal.SIGTERM, self.grace())
 
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
-        if fields.get("event") == "serving initial configuration":
+        if fields.get("event") == self._ready_msg:
             self._ready.set()
 
     def grace(self) -> float:

@@ -200,7 +200,7 @@ class Supervisor:
         argv = [sys.executable, "-m", "entrypoint", "oidc-check", "--timeout", f"{timeout:g}"]
         code, out, err = await run_capture(argv, dict(os.environ), timeout + 10.0, self.reaper)
         for line in err.decode("utf-8", "replace").splitlines():
-            level, fields = logs.child_event("oidc", "stderr", logs.redact(line))
+            level, fields = logs.child_event("oidc", "stderr", line)
             logs.emit(level, fields)
         try:
             result = json.loads(out.decode().strip().splitlines()[-1])
