@@ -145,8 +145,10 @@ class Running:
         self.stderr: list[str] = []
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_err, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -178,7 +180,7 @@ class Running:
             if found:
                 return found[0]
             if self.proc.poll() is not None:
-                time.sleep(0.05)  # let the reader thread drain the pipe after exit
+                self._drained()
                 found = self.find(match)
                 if found:
                     return found[0]
@@ -217,9 +219,22 @@ class Running:
     def signal(self, sig: int) -> None:
         os.kill(self.inner_pid, sig)
 
+    def stop(self) -> None:
+        """SIGTERM, as ``docker stop`` sends it, and expect the clean exit 0."""
+        self.signal(signal.SIGTERM)
+        code = self.wait()
+        assert code == 0, f"exit {code}:\n" + "\n".join(self.raw[-30:])
+
+    def _drained(self) -> None:
+        """After exit: every line the process wrote is in ``events`` (its pipes reached EOF)."""
+        for reader in self._readers:
+            reader.join(10)
+
     def wait(self, timeout: float = 40.0) -> int:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            self._drained()
+            return code
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError("entrypoint did not exit:\n" + "\n".join(self.raw[-40:])) from None

@@ -24,11 +24,6 @@ START_DEADLINE = 30.0
 STOP_TIMEOUT = 15.0
 
 
-def available() -> bool:
-    """The stand-in exists and can run (it is built by another part of the project)."""
-    return STANDIN.exists() and os.access(STANDIN, os.X_OK)
-
-
 class StandIn:
     """One ``spacetime start`` of the stand-in on the given directories."""
 

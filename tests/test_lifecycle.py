@@ -76,8 +76,7 @@ def test_lock_held_by_another_server_is_waited_out(tmp_path: Path) -> None:
             run.wait_event("spacetime.lock_held", timeout=30)  # still waiting, retrying with backoff
             holder.stop()  # it removes its own pidfile on a clean exit, as the real server does
             run.wait_event("entrypoint.ready", timeout=60)
-            run.signal(signal.SIGTERM)
-            assert run.wait() == 0
+            run.stop()
     finally:
         if holder.proc.poll() is None:
             holder.proc.kill()
@@ -112,8 +111,7 @@ def test_stale_pidfile_with_dead_pid_does_not_block(tmp_path: Path) -> None:
         run.wait_event("entrypoint.ready", timeout=60)
         assert (data / "spacetime.pid").stat().st_ino == inode
         assert (data / "spacetime.pid").read_text() != "999999"
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     assert not run.find(lambda e: e.get("event") == "spacetime.lock_held")
 
 
@@ -138,8 +136,7 @@ exec "{STANDIN}" "$@"
         assert "Shutting down server" in (tmp_path / "leftover.log").read_text()  # it got SIGINT
         assert not Path(f"/proc/{leftover['holder_pid']}").exists() or wait_for(
             lambda: not Path(f"/proc/{leftover['holder_pid']}").exists(), 5, "leftover gone")
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_three_restarts_keep_one_identity_and_skip_unchanged_publish(tmp_path: Path) -> None:
@@ -153,8 +150,7 @@ def test_three_restarts_keep_one_identity_and_skip_unchanged_publish(tmp_path: P
             ident = run.find(lambda e: e.get("event") in ("identity.created", "identity.reused"))[0]
             seen.append((boot, publish["event"], publish.get("database_identity"), ident["identity"],
                          ident["event"]))
-            run.signal(signal.SIGTERM)
-            assert run.wait() == 0
+            run.stop()
     assert [s[1] for s in seen] == ["publish.created", "publish.unchanged", "publish.unchanged"]
     assert [s[4] for s in seen] == ["identity.created", "identity.reused", "identity.reused"]
     assert len({s[3] for s in seen}) == 1 and len({s[2] for s in seen}) == 1
@@ -165,22 +161,19 @@ def test_three_restarts_keep_one_identity_and_skip_unchanged_publish(tmp_path: P
         updated = run.wait_event("publish.updated", timeout=60)
         assert updated["database_identity"] == seen[0][2]
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_swapped_keys_exit_78_naming_both_identities_and_touch_no_data(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     config = Path(env["POGLY_CONFIG_DIR"])
     other = base_env(tmp_path / "other")
     with Running(other, pid1=True) as run:  # a second installation: its own keys
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     for key in ("id_ecdsa", "id_ecdsa.pub"):
         shutil.copy(Path(other["POGLY_CONFIG_DIR"]) / key, config / key)
     before = tree_digest(Path(env["POGLY_DATA_DIR"]))
@@ -217,13 +210,11 @@ def test_sigterm_to_pid1_right_after_1000_writes_loses_nothing(tmp_path: Path) -
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
         _write_items(env, 1000)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
         assert len(sql(env, "SELECT * FROM Items")) == 1000
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_sigterm_straight_to_spacetimedb_loses_recent_writes(tmp_path: Path) -> None:
@@ -231,8 +222,7 @@ def test_sigterm_straight_to_spacetimedb_loses_recent_writes(tmp_path: Path) -> 
     env = base_env(tmp_path)
     with Running(env, pid1=True) as run:  # first boot publishes; a clean stop makes it durable
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     env["STANDIN_FLUSH_INTERVAL_MS"] = "5000"  # one sync window covers all the writes
     with Running(env) as run:
         run.wait_event("entrypoint.ready", timeout=60)
@@ -244,8 +234,7 @@ def test_sigterm_straight_to_spacetimedb_loses_recent_writes(tmp_path: Path) -> 
         wait_for(lambda: len(run.find(lambda e: e.get("event") == "child.ready"
                                       and e.get("child") == "spacetimedb")) >= 2, 60, "restarted")
         assert len(sql(env, "SELECT * FROM Items")) < 1000
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_module_log_line_reaches_our_stdout(tmp_path: Path) -> None:
@@ -257,8 +246,7 @@ def test_module_log_line_reaches_our_stdout(tmp_path: Path) -> None:
         assert resp.status_code == 200
         line = run.wait_event("hello from pogly", timeout=30)
         assert line["service"] == "module:pogly" and line["level"] == "warning"
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 @pytest.mark.parametrize("version", ["1.7.0", "1.9.0"])
@@ -266,8 +254,7 @@ def test_database_owned_by_another_identity_exits_78(tmp_path: Path, version: st
     env = base_env(tmp_path, STANDIN_VERSION=version)
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     # The config volume is lost (a new PVC): a new identity, same data.
     config = Path(env["POGLY_CONFIG_DIR"])
     for name in ("cli.toml", "pogly-entrypoint.json"):

@@ -6,7 +6,6 @@ The provider is the real ``oidc-provider`` (tests/js/oidc_server.mjs).
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +25,7 @@ def test_verified_provider_is_reported_in_status(tmp_path: Path) -> None:
             assert run.find(lambda e: e.get("event") == "oidc.verified" and e.get("service") == "oidc")
             status = httpx.get(f"http://{env['POGLY_HEALTH_ADDR']}/status").json()
             assert status["oidc"] == "verified"
-            run.signal(signal.SIGTERM)
-            assert run.wait() == 0
+            run.stop()
 
 
 def test_issuer_off_by_a_trailing_slash_exits_78_before_ready(tmp_path: Path) -> None:
@@ -68,8 +66,7 @@ def test_unreachable_provider_keeps_serving_then_verifies_when_it_appears(tmp_pa
             run.wait_event("oidc.verified", timeout=30)
             status = httpx.get(f"http://{env['POGLY_HEALTH_ADDR']}/status").json()
             assert status["oidc"] == "verified"
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_check_and_render_commands(tmp_path: Path) -> None:

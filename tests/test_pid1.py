@@ -62,8 +62,7 @@ def test_full_stack_ready_then_sigterm_stops_caddy_first_and_spacetime_with_sigi
         pidfile = Path(env["POGLY_DATA_DIR"]) / "spacetime.pid"
         inode = pidfile.stat().st_ino
         t0 = time.monotonic()
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
         took = time.monotonic() - t0
     stopping = run.find(lambda e: e.get("event") == "child.stopping")
     assert [(e["child"], e["signal"]) for e in stopping] == [("caddy", "SIGTERM"), ("spacetimedb", "SIGINT")]
@@ -98,8 +97,7 @@ exec {STANDIN} "$@"
         # The orphans sleep 0.3 s; the bar is zero zombies within 1 s after that.
         wait_for(no_zombies, 1.3, "all 100 orphans reaped")
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     assert run.find(lambda e: e.get("event") == "entrypoint.exit")[0]["orphans_reaped"] >= 100
     stopped_cleanly(run)
 
@@ -124,8 +122,7 @@ while :; do sleep 0.05; done
             return not orphans()
 
         wait_for(reaped, 5, "orphans adopted and reaped by the subreaper")
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     assert run.find(lambda e: e.get("event") == "entrypoint.start")[0]["reaper"] == "subreaper"
 
 
@@ -167,8 +164,7 @@ while :; do sleep 0.05; done
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
         t0 = time.monotonic()
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
         took = time.monotonic() - t0
     stopped = {e["child"]: e for e in run.find(lambda e: e.get("event") == "child.stopped")}
     grace = run.find(lambda e: e.get("event") == "child.stopping" and e["child"] == "caddy")[0]["grace_s"]
@@ -246,8 +242,7 @@ exec "{STANDIN}" "$@"
     env = base_env(tmp_path, SPACETIME_BIN=chatty)
     with Running(env, pid1=True) as run:
         run.wait_event("entrypoint.ready", timeout=60)
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
     text = "\n".join(run.raw)
     assert jwt not in text and "eyJzdWIi" not in text and "MIGHAgEAMBMG" not in text
     assert run.find(lambda e: e.get("service") == "spacetimedb" and "[REDACTED]" in e.get("event", ""))

@@ -62,8 +62,7 @@ def test_readyz_follows_the_children_and_livez_stays_up_during_a_restart(tmp_pat
                  30, "modules re-checked")
         assert public(env, "/readyz").status_code == 200
         assert public(env, "/status").status_code == 403  # status stays on loopback
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_readyz_503_while_spacetimedb_is_not_ready(tmp_path: Path) -> None:
@@ -79,8 +78,7 @@ def test_readyz_503_while_spacetimedb_is_not_ready(tmp_path: Path) -> None:
         assert "spacetimedb: starting" in body["not_ready"]
         assert any(r.startswith("module pogly") for r in body["not_ready"])
         assert public(env, "/livez").status_code == 200
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 def test_readyz_turns_503_as_soon_as_shutdown_begins(tmp_path: Path) -> None:
@@ -125,8 +123,7 @@ def test_probe_command_reports_ready_and_live(tmp_path: Path) -> None:
         text = subprocess.run([sys.executable, "-m", "entrypoint", "status"], env=env, capture_output=True,
                               timeout=30).stdout.decode()
         assert "spacetimedb" in text and "publish=created" in text
-        run.signal(signal.SIGTERM)
-        assert run.wait() == 0
+        run.stop()
 
 
 HOSTILE = {

@@ -927,7 +927,6 @@ def test_follow_module_logs_cancels_cleanly(tmp_path: Path) -> None:
 # Against the stand-in
 # ---------------------------------------------------------------------------
 
-needs_standin = pytest.mark.skipif(not stdbhelp.available(), reason="SpacetimeDB stand-in not built yet")
 
 
 async def _boot(settings: Settings, home: Path, status: Status | None = None
@@ -942,7 +941,6 @@ async def _boot(settings: Settings, home: Path, status: Status | None = None
     return publisher, status
 
 
-@needs_standin
 def test_standin_three_restarts_keep_one_identity(tmp_path: Path) -> None:
     home = tmp_path / "home"
     identities, db_ids, results = set(), set(), []
@@ -974,7 +972,6 @@ def test_standin_three_restarts_keep_one_identity(tmp_path: Path) -> None:
     assert (status.module("pogly").database_identity, status.module("second").database_identity) in db_ids
 
 
-@needs_standin
 def test_standin_cli_toml_is_what_the_cli_reads(tmp_path: Path) -> None:
     """The official CLI (the stand-in's `sql`) run with our cli.toml acts as the publisher."""
     with stdbhelp.StandIn(tmp_path / "data", tmp_path / "config") as server:
@@ -994,7 +991,6 @@ def test_standin_cli_toml_is_what_the_cli_reads(tmp_path: Path) -> None:
     assert '"via_link"' in readback.stdout
 
 
-@needs_standin
 def test_standin_key_swap_is_fatal_and_data_untouched(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with stdbhelp.StandIn(tmp_path / "data", tmp_path / "config") as server:
@@ -1021,7 +1017,6 @@ def test_standin_key_swap_is_fatal_and_data_untouched(tmp_path: Path) -> None:
     assert original.token not in err.value.message
 
 
-@needs_standin
 @pytest.mark.parametrize("version", ["1.7.0", "1.9.0"])
 def test_standin_config_volume_swap_is_fatal_with_both_identities(tmp_path: Path, version: str) -> None:
     """A different config volume (its own keys and token): the database belongs to someone else."""
@@ -1043,7 +1038,6 @@ def test_standin_config_volume_swap_is_fatal_with_both_identities(tmp_path: Path
     assert "--delete-data" in err.value.message
 
 
-@needs_standin
 @pytest.mark.parametrize("version", ["1.7.0", "1.9.0"])
 def test_standin_refusal_shapes_are_recognised(tmp_path: Path, version: str) -> None:
     """Every route that refuses a non-owner answers in a shape parse_ownership_error knows."""
@@ -1072,7 +1066,6 @@ def test_standin_refusal_shapes_are_recognised(tmp_path: Path, version: str) -> 
         assert parsed[1].owner == owner.identity and parsed[2].owner == owner.identity
 
 
-@needs_standin
 @pytest.mark.parametrize("version", ["1.7.0", "1.9.0"])
 def test_standin_not_owner_through_each_route(tmp_path: Path, version: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1108,7 +1101,6 @@ def test_standin_not_owner_through_each_route(tmp_path: Path, version: str,
         assert via_put.event == "publish.not_owner" and via_put.exit_code == 78
 
 
-@needs_standin
 def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with stdbhelp.StandIn(tmp_path / "data", tmp_path / "config") as server:
@@ -1144,7 +1136,6 @@ def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) ->
     assert not [e for e in logs if e["event"].startswith("config.first_boot")]
 
 
-@needs_standin
 def test_standin_module_log_line_becomes_event(tmp_path: Path) -> None:
     with stdbhelp.StandIn(tmp_path / "data", tmp_path / "config") as server:
         settings = make_settings(tmp_path, server.addr)
@@ -1181,7 +1172,6 @@ def test_standin_module_log_line_becomes_event(tmp_path: Path) -> None:
     assert events[-1]["log_level"] == "warning" and events[-1]["function"] == "log_message"
 
 
-@needs_standin
 def test_standin_log_follower_survives_a_restart(tmp_path: Path) -> None:
     """SpacetimeDB restarts under the follower: it reconnects by itself and keeps copying lines."""
 
