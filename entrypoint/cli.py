@@ -1,8 +1,9 @@
-"""Command line: ``run`` (default), ``check``, ``render``, ``status``, ``probe``, ``identity``.
+"""Command line: ``run`` (default), ``check``, ``render``, ``status``, ``probe``, ``identity``, ``owner``.
 
 Exit codes (README, docs/operations.md): 0 requested stop or success; 78 invalid
 configuration; 69 a dependency unavailable past its deadline; a crashed
-child's code or 128+signal; 70 internal error; 1 a failed probe.
+child's code or 128+signal; 70 internal error; 1 a failed probe; 65 ``owner
+set`` on a database that is not a Pogly module.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="start and supervise everything (the default)")
     sub.add_parser("check", help="validate configuration, Caddyfile and OIDC provider; print the settings")
     sub.add_parser("render", help="print the rendered Caddyfile and config.js")
+    pi = sub.add_parser("patch-index", help="(image build) make WEB_ROOT/index.html load /config.js")
+    pi.add_argument("web_root", help="the built web app, e.g. /usr/share/caddy")
     st = sub.add_parser("status", help="show the running supervisor's status")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
     pr = sub.add_parser("probe", help="exit 0 when ready/live, 1 otherwise (Kubernetes exec probes, HEALTHCHECK)")
@@ -39,6 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     ident = sub.add_parser("identity", help="print the SpacetimeDB identity an OIDC subject will have")
     ident.add_argument("--sub", required=True, help="the 'sub' claim")
     ident.add_argument("--issuer", help="the 'iss' claim (default: OIDC_ISSUER)")
+    owner = sub.add_parser("owner", help="show or set the owner of the Pogly databases (inside the container)")
+    owner_sub = owner.add_subparsers(dest="owner_action", required=True)
+    show = owner_sub.add_parser("show", help="each module's owner, how it got there, and its Owner permissions")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument("--module", help="only this database (one of MODULES)")
+    oset = owner_sub.add_parser("set", help="make an identity the one owner of every Pogly module")
+    who = oset.add_mutually_exclusive_group(required=True)
+    who.add_argument("--sub", help="the OIDC 'sub' claim of the new owner")
+    who.add_argument("--identity", help="the new owner's identity: 64 hex digits, optionally 0x-prefixed")
+    oset.add_argument("--issuer", help="with --sub: the 'iss' claim (default: OIDC_ISSUER)")
+    oset.add_argument("--module", help="only this database (one of MODULES)")
+    oset.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -59,6 +74,8 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
             return cmd_check()
         if command == "render":
             return cmd_render()
+        if command == "patch-index":
+            return cmd_patch_index(args.web_root)
         if command == "status":
             return cmd_status(args.json)
         if command == "probe":
@@ -67,6 +84,8 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
             return cmd_identity(args.sub, args.issuer)
         if command == "oidc-check":
             return cmd_oidc_check(args.timeout)
+        if command == "owner":
+            return cmd_owner(args)
     except KeyboardInterrupt:
         return 130
     return EXIT_SOFTWARE
@@ -149,7 +168,7 @@ def cmd_check() -> int:
 async def _check(settings: Any) -> int:
     import asyncio
 
-    from entrypoint import caddy, oidc, webconfig
+    from entrypoint import caddy, oidc, webapp, webconfig
     from entrypoint.process import Reaper, run_capture
 
     reaper = Reaper()
@@ -174,6 +193,17 @@ async def _check(settings: Any) -> int:
             except caddy.CaddyConfigError as exc:
                 print(f"Caddyfile: INVALID\n{exc}")
                 code = EXIT_CONFIG
+        build = webapp.detect(settings.web_root)
+        print(f"Web build: {build.verdict} ({build.reason})")
+        problem = webapp.problem(settings, build)
+        if problem is not None:
+            print(f"  {'INVALID under STRICT_MODE' if settings.strict_mode else 'WARNING'}: {problem}")
+            if settings.strict_mode:
+                code = code or EXIT_CONFIG
+        if not settings.oidc_enabled:
+            print("OIDC provider: disabled (OIDC_ISSUER and OIDC_CLIENT_ID are empty: anonymous mode, nothing "
+                  "to check, no redirect URIs to register; `pogly-entrypoint owner set` gives a database an owner)")
+            return code
         print("Redirect URIs to register at the provider:")
         for uri in oidc.redirect_uris(settings):
             print(f"  {uri}")
@@ -207,6 +237,17 @@ def cmd_render() -> int:
     print("// ---- config.js ----")
     print(webconfig.render_config_js(settings))
     return 0
+
+
+def cmd_patch_index(web_root: str) -> int:
+    """At image build (Dockerfile): ``index.html`` loads ``/config.js``, so a read-only root needs no write
+    at start.  0 when it does (now or already), 1 when it cannot (no ``index.html``, not writable)."""
+    from pathlib import Path
+
+    from entrypoint import logs, webconfig
+
+    logs.configure("json", stream=sys.stderr)
+    return 0 if webconfig.ensure_index_loads_config(Path(web_root)) else 1
 
 
 def _health_addr() -> Any:
@@ -250,6 +291,8 @@ def format_status(data: dict[str, Any]) -> str:
     for reason in data.get("not_ready", []):
         lines.append(f"  not ready: {reason}")
     lines.append(f"oidc: {data.get('oidc')}")
+    web = data.get("webapp") or {}
+    lines.append(f"web app: {web.get('verdict', '-')}" + (f" ({web['reason']})" if web.get("reason") else ""))
     lines.append(f"publisher identity: {data.get('publisher_identity') or '-'}")
     lines.append("children:")
     for name, child in data.get("children", {}).items():
@@ -281,6 +324,10 @@ def cmd_oidc_check(timeout: float | None) -> int:
     from entrypoint import logs, oidc
 
     logs.configure("json", settings.debug_mode, stream=sys.stderr)
+    if not settings.oidc_enabled:  # OIDC off: the supervisor never asks; answer plainly if a person does
+        print(json.dumps({"ok": True, "disabled": True,
+                          "message": "OIDC_ISSUER and OIDC_CLIENT_ID are empty (OIDC off): nothing to check"}))
+        return 0
     if timeout is not None:
         settings = replace(settings, oidc_discovery_timeout=timeout)
     try:
@@ -297,7 +344,18 @@ def cmd_identity(sub: str, issuer: str | None) -> int:
 
     issuer = issuer or os.environ.get("OIDC_ISSUER", "").strip()
     if not issuer:
-        print("give --issuer or set OIDC_ISSUER", file=sys.stderr)
+        print("give --issuer or set OIDC_ISSUER (it is empty or unset: with OIDC off there is no default "
+              "issuer)", file=sys.stderr)
         return EXIT_CONFIG
     print(from_claims(issuer, sub))
     return 0
+
+
+def cmd_owner(args: argparse.Namespace) -> int:
+    """``owner show|set``: see entrypoint/owner_admin.py (exit 0, 65 not Pogly, 69, 70, 78)."""
+    settings = _settings_or_exit()
+    from entrypoint.owner_admin import main as owner_main
+
+    return owner_main(settings, args.owner_action, as_json=args.json, module=args.module,
+                      sub=getattr(args, "sub", None), issuer=getattr(args, "issuer", None),
+                      identity=getattr(args, "identity", None))

@@ -92,6 +92,15 @@ class Settings:
     public_api: str = "minimal"
     owner_subjects: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def oidc_enabled(self) -> bool:
+        """False in OIDC-off mode: ``OIDC_ISSUER`` and ``OIDC_CLIENT_ID`` both set to "".
+
+        The web app then connects anonymously (its "Mode 1"): nobody signs in,
+        no provider is checked, nobody can auto-claim ownership.
+        """
+        return bool(self.oidc_issuer and self.oidc_client_id)
+
     def module_wasm(self, module: str) -> Path:
         """``<module>.wasm`` when present, else the shared ``pogly.wasm``."""
         own = self.module_dir / f"{module}.wasm"
@@ -314,9 +323,38 @@ def _origin(reader: _Reader, name: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
 
 
+_OIDC_OFF_HINT = "(or set both OIDC_ISSUER and OIDC_CLIENT_ID to the empty string to run with sign-in off)"
+
+
+def _oidc_pair(reader: _Reader, strict: bool) -> tuple[str, str]:
+    """``OIDC_ISSUER`` and ``OIDC_CLIENT_ID``, checked together.
+
+    Why together: both empty is a mode (OIDC off: the web app connects
+    anonymously), but one empty and the other set is almost certainly a
+    half-filled Secret, and unset stays an error so that forgetting the Secret
+    never silently turns sign-in off.
+    """
+    issuer_raw, client_raw = reader.raw("OIDC_ISSUER"), reader.raw("OIDC_CLIENT_ID")
+    if issuer_raw == "" and client_raw == "":
+        if strict:
+            reader.fail("OIDC_ISSUER", "", "OIDC_ISSUER and OIDC_CLIENT_ID are both empty (OIDC off: anonymous "
+                        "connections, no sign-in), which STRICT_MODE=true refuses: set both to your provider's "
+                        "issuer and client ID, or set STRICT_MODE=false to run without sign-in")
+        return "", ""
+    for name, raw, other, other_raw in (("OIDC_ISSUER", issuer_raw, "OIDC_CLIENT_ID", client_raw),
+                                        ("OIDC_CLIENT_ID", client_raw, "OIDC_ISSUER", issuer_raw)):
+        if raw == "" and other_raw:
+            reader.fail(name, raw, f"is empty but {other} is set: set both OIDC_ISSUER and OIDC_CLIENT_ID for "
+                        "sign-in through your provider, or both to the empty string for OIDC off "
+                        "(anonymous connections)")
+    issuer = _issuer(reader) if issuer_raw != "" or not client_raw else ""
+    client_id = _client_id(reader) if client_raw != "" or not issuer_raw else ""
+    return issuer, client_id
+
+
 def _issuer(reader: _Reader) -> str:
     value = reader.required("OIDC_ISSUER", "the issuer URL exactly as your provider reports it, "
-                            "e.g. https://auth.example.com/application/o/pogly/")
+                            f"e.g. https://auth.example.com/application/o/pogly/ {_OIDC_OFF_HINT}")
     if not value:
         return value
     try:
@@ -336,7 +374,8 @@ def _issuer(reader: _Reader) -> str:
 
 
 def _client_id(reader: _Reader) -> str:
-    value = reader.required("OIDC_CLIENT_ID", "the client ID of the application registered at your provider")
+    value = reader.required("OIDC_CLIENT_ID", "the client ID of the application registered at your provider "
+                            + _OIDC_OFF_HINT)
     if value and (len(value) > 256 or re.search(r"[\x00-\x1f\x7f]", value)):
         reader.fail("OIDC_CLIENT_ID", value, "must be 1-256 characters without control characters")
     return value
@@ -385,9 +424,8 @@ def load(env: Mapping[str, str] | None = None,
     r = _Reader(env)
     scripts = which or _venv_scripts
 
-    issuer = _issuer(r)
-    client_id = _client_id(r)
     strict = r.boolean("STRICT_MODE", False)
+    issuer, client_id = _oidc_pair(r, strict)
     allow_http = r.boolean("OIDC_ALLOW_HTTP", False)
     if strict and allow_http:
         r.fail("OIDC_ALLOW_HTTP", r.raw("OIDC_ALLOW_HTTP"),

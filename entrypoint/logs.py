@@ -100,7 +100,10 @@ def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(10 if debug else 20),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() per line, newline included: print() writes the text and the newline
+        # separately, which PYTHONUNBUFFERED (set in the image) turns into two syscalls, so a
+        # line `pogly-entrypoint owner set` writes into our stdout could split one of ours.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 

@@ -46,6 +46,11 @@ cannot overwrite an owner set meanwhile), then the ``Permissions`` row, each
 read back.  The intent is written to the config volume *before* the UPDATE,
 so a crash between the two statements is completed on the next boot for that
 same identity instead of watching again and admitting a second owner.
+
+The operator's way to change an owner on purpose is ``pogly-entrypoint owner
+set`` (owner_admin.py).  It uses the same statements (``owner_update``,
+``ensure_owner_permission``) and records ``state: "set"``; a database it set
+is claimed, so a watcher still polling sees that at its next look and stops.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ from entrypoint.sqlapi import SqlError, is_missing_table, sql, sql_identity
 from entrypoint.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import httpx
 
     from entrypoint.config import Settings
@@ -77,6 +84,12 @@ ANONYMOUS_ISSUER = "localhost"
 POLL_INITIAL = 0.25
 POLL_MAXIMUM = 2.0
 STATE_KEY = "ownership"  # key inside the module's entry of pogly-entrypoint.json
+
+# The ownership record in the state file: its "state" values
+REC_PENDING = "pending"      # auto-claim intent written, UPDATE maybe not applied
+REC_CLAIMED = "claimed"      # auto-claimed by this entrypoint
+REC_SET = "set"              # set by an operator with `pogly-entrypoint owner set`
+REC_EXTERNAL = "external"    # owned, but not by any of the above
 
 # Outcomes reported in ModuleStatus.ownership
 CLAIMED = "claimed"
@@ -242,7 +255,13 @@ def connection_key(value: Any) -> str:
 
 
 def disabled_message(settings: Settings) -> str:
-    """What an operator reads when STRICT_MODE turned auto-claim off."""
+    """What an operator reads when OIDC off or STRICT_MODE turned auto-claim off."""
+    if not settings.oidc_enabled:
+        return (
+            "OIDC is off (OIDC_ISSUER and OIDC_CLIENT_ID are empty), so auto-claim is disabled: nobody signs in, "
+            "so nobody can become the owner by signing in first. Give the database an owner with "
+            "`pogly-entrypoint owner set --identity <hex>`"
+        )
     return (
         "STRICT_MODE=true and OWNER_SUBJECTS is empty, so auto-claim is disabled: nobody becomes the owner "
         "by signing in first. Set OWNER_SUBJECTS to the space-separated 'sub' claim(s) of the account(s) "
@@ -252,18 +271,135 @@ def disabled_message(settings: Settings) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The watcher
+# Reading and changing the owner: shared by the watcher and `owner set`
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Ownership:
+@dataclass(frozen=True)
+class Ownership:
+    """What Pogly's tables say: ``Config.OwnerIdentity`` and ``Heartbeat.ServerIdentity``.
+
+    ``config_init`` is None when the row has no such column (older shapes,
+    test fakes); it is reported, never used to decide "claimed".
+    """
+
     owner: str
     server: str
+    config_init: bool | None = None
 
     @property
     def claimed(self) -> bool:
         return self.owner != self.server
+
+
+async def read_ownership(sql_fn: SqlFn) -> Ownership:
+    """The owner and the database's own identity, or ``Unsupported(NOT_POGLY)`` for another module."""
+    try:
+        config = await sql_fn("SELECT * FROM Config WHERE Version = 0")
+        heartbeat = await sql_fn("SELECT * FROM Heartbeat WHERE Id = 0")
+    except SqlError as exc:
+        if is_missing_table(exc):
+            raise Unsupported(NOT_POGLY, f"no Config/Heartbeat table ({exc.text})") from None
+        raise
+    try:
+        owner = normalize_hex(str(config[0]["OwnerIdentity"]))
+        server = normalize_hex(str(heartbeat[0]["ServerIdentity"]))
+    except (IndexError, KeyError, ValueError):
+        raise Unsupported(NOT_POGLY, "no Config row 0 with OwnerIdentity or Heartbeat row 0 with ServerIdentity") \
+            from None
+    init = config[0].get("ConfigInit")
+    return Ownership(owner, server, init if isinstance(init, bool) else None)
+
+
+def owner_update(identity: str, *, replacing: str | None = None, close_onboarding: bool = False) -> str:
+    """The one statement that makes ``identity`` the owner in ``Config`` row 0.
+
+    ``replacing``: only if the owner is still that identity (auto-claim: never
+    overwrite an owner set meanwhile).  ``close_onboarding`` also sets
+    ``ConfigInit = true``: while it is false, Pogly's ``SetConfig`` makes
+    whoever finishes the onboarding the owner, undoing an explicit choice.
+    """
+    assignments = f"OwnerIdentity = {sql_identity(identity)}" + (", ConfigInit = true" if close_onboarding else "")
+    condition = f" AND OwnerIdentity = {sql_identity(replacing)}" if replacing is not None else ""
+    return f"UPDATE Config SET {assignments} WHERE Version = 0{condition}"
+
+
+def _permission_select(identity: str) -> str:
+    return (f"SELECT * FROM Permissions WHERE Identity = {sql_identity(identity)} "
+            f"AND PermissionType = {OWNER_PERMISSION}")
+
+
+async def ensure_owner_permission(sql_fn: SqlFn, identity: str) -> bool:
+    """The owner's ``Permissions`` row exists afterwards; True when this call inserted it."""
+    if await sql_fn(_permission_select(identity)):
+        return False
+    await sql_fn(f"INSERT INTO Permissions (Identity, PermissionType) "
+                 f"VALUES ({sql_identity(identity)}, {OWNER_PERMISSION})")
+    if not await sql_fn(_permission_select(identity)):
+        raise RuntimeError("the owner's Permissions row is not there after the INSERT")
+    return True
+
+
+async def owner_permissions(sql_fn: SqlFn) -> list[str]:
+    """Every identity holding the Owner permission (sorted), or ``Unsupported`` without that table."""
+    try:
+        rows = await sql_fn(f"SELECT * FROM Permissions WHERE PermissionType = {OWNER_PERMISSION}")
+    except SqlError as exc:
+        if is_missing_table(exc):
+            raise Unsupported(NOT_POGLY, f"no Permissions table ({exc.text})") from None
+        raise
+    found: set[str] = set()
+    for row in rows:
+        with contextlib.suppress(ValueError):
+            found.add(normalize_hex(str(row.get("Identity"))))
+    return sorted(found)
+
+
+async def revoke_owner_permission(sql_fn: SqlFn, identity: str) -> None:
+    """Remove one identity's Owner permission (its other permissions are kept)."""
+    await sql_fn(f"DELETE FROM Permissions WHERE Identity = {sql_identity(identity)} "
+                 f"AND PermissionType = {OWNER_PERMISSION}")
+
+
+def describe_record(recorded: Mapping[str, Any]) -> str | None:
+    """How the recorded owner got there, in words (``claimed_by`` in status, ``owner show``)."""
+    state = recorded.get("state")
+    if state == REC_CLAIMED:
+        return f"auto-claim sub={recorded.get('sub')}"
+    if state == REC_SET:
+        if recorded.get("sub") is not None:
+            return f"owner set --sub {recorded.get('sub')} --issuer {recorded.get('iss')}"
+        return "owner set --identity"
+    if state == REC_EXTERNAL:
+        return "external (not auto-claimed by this entrypoint)"
+    return None
+
+
+def record_owner_set(config_dir: Path, module: str, identity: str, *, previous_owner: str,
+                     sub: str | None, iss: str | None, now: float,
+                     previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Remember in the state file that an operator set this owner (read by the watcher and ``owner show``).
+
+    Written *before* the first statement, like auto-claim's intent: a watcher
+    that polls between the UPDATE and the end of the command must already
+    find out who set the owner, or it records "external".  Everyone reading
+    the record trusts it only while its ``owner_identity`` is the database's
+    owner, so an attempt that failed before the UPDATE misleads nobody.
+    ``previous`` (the record this one replaces, one level deep) keeps e.g.
+    who auto-claimed before.
+    """
+    entry: dict[str, Any] = {"state": REC_SET, "how": "owner-set", "owner_identity": identity,
+                             "previous_owner": previous_owner, "set_at": now}
+    if sub is not None:
+        entry.update(sub=sub, iss=iss)
+    if previous:
+        entry["previous"] = {k: v for k, v in previous.items() if k != "previous"}
+    return update_module_state(config_dir, module, **{STATE_KEY: entry})
+
+
+# ---------------------------------------------------------------------------
+# The watcher
+# ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -341,7 +477,7 @@ class Watcher:
                      message="an interrupted claim had not changed the owner; watching again")
             update_module_state(self.settings.config_dir, self.module,
                                 **{STATE_KEY: {"state": "unclaimed", "discarded": recorded}})
-        if self.settings.strict_mode and not self.settings.owner_subjects:
+        if not self.settings.oidc_enabled or (self.settings.strict_mode and not self.settings.owner_subjects):
             self.status.ownership = DISABLED
             self.status.owner_identity = None
             log.warning("ownership.auto_claim_disabled", module=self.module, message=disabled_message(self.settings))
@@ -375,26 +511,13 @@ class Watcher:
         log.info("ownership.unclaimed", module=self.module, issuer=issuer, owner_subjects=subjects or None,
                  message=f"nobody owns {self.module!r} yet: {rule}")
 
-    async def _read_ownership(self) -> _Ownership:
+    async def _read_ownership(self) -> Ownership:
         try:
-            config = await self.sql_fn("SELECT * FROM Config WHERE Version = 0")
-            heartbeat = await self.sql_fn("SELECT * FROM Heartbeat WHERE Id = 0")
-        except SqlError as exc:
-            if is_missing_table(exc):
-                raise self._not_pogly(f"no Config/Heartbeat table ({exc.text})") from None
+            return await read_ownership(self.sql_fn)
+        except Unsupported as exc:
+            log.info("ownership.skipped", module=self.module, reason=str(exc),
+                     message=f"{self.module!r} is not shaped like Pogly's module; ownership is not managed")
             raise
-        try:
-            owner = normalize_hex(str(config[0]["OwnerIdentity"]))
-            server = normalize_hex(str(heartbeat[0]["ServerIdentity"]))
-        except (IndexError, KeyError, ValueError):
-            raise self._not_pogly("no Config row 0 with OwnerIdentity or Heartbeat row 0 with ServerIdentity") \
-                from None
-        return _Ownership(owner, server)
-
-    def _not_pogly(self, why: str) -> Unsupported:
-        log.info("ownership.skipped", module=self.module, reason=why,
-                 message=f"{self.module!r} is not shaped like Pogly's module; ownership is not managed")
-        return Unsupported(NOT_POGLY, why)
 
     async def _candidates(self) -> tuple[list[Candidate], bool]:
         """Eligible open connections, and whether the set of connections changed since the last poll."""
@@ -454,7 +577,7 @@ class Watcher:
         entry = module_state(self.settings.config_dir, self.module).get(STATE_KEY)
         return dict(entry) if isinstance(entry, dict) else {}
 
-    async def _claim(self, winner: Candidate, current: _Ownership) -> None:
+    async def _claim(self, winner: Candidate, current: Ownership) -> None:
         """Intent on disk, then the conditional UPDATE; the Permissions row follows in _settle_claimed.
 
         Any failure raises: the next poll reads the owner back and either
@@ -464,28 +587,13 @@ class Watcher:
             "state": "pending", "owner_identity": winner.identity, "sub": winner.sub, "iss": winner.iss,
             "connection_id": winner.connection_id, "iat": winner.iat, "started_at": self.now(),
         }})
-        await self.sql_fn(
-            f"UPDATE Config SET OwnerIdentity = {sql_identity(winner.identity)} "
-            f"WHERE Version = 0 AND OwnerIdentity = {sql_identity(current.server)}"
-        )
+        await self.sql_fn(owner_update(winner.identity, replacing=current.server))
         after = await self._read_ownership()
         if not after.claimed:
             raise RuntimeError(f"the owner UPDATE did not take effect (OwnerIdentity is still {after.owner})")
         await self._settle_claimed(after, just_claimed=True)
 
-    async def _ensure_permission(self, identity: str) -> bool:
-        """The owner's Permissions row exists afterwards; True when this call inserted it."""
-        select = (f"SELECT * FROM Permissions WHERE Identity = {sql_identity(identity)} "
-                  f"AND PermissionType = {OWNER_PERMISSION}")
-        if await self.sql_fn(select):
-            return False
-        await self.sql_fn(f"INSERT INTO Permissions (Identity, PermissionType) "
-                          f"VALUES ({sql_identity(identity)}, {OWNER_PERMISSION})")
-        if not await self.sql_fn(select):
-            raise RuntimeError("the owner's Permissions row is not there after the INSERT")
-        return True
-
-    async def _settle_claimed(self, current: _Ownership, *, just_claimed: bool = False) -> None:
+    async def _settle_claimed(self, current: Ownership, *, just_claimed: bool = False) -> None:
         """Report an owned database; finish our own interrupted claim, for that same owner only.
 
         ``just_claimed``: this run's UPDATE set the owner a moment ago.  Otherwise
@@ -498,7 +606,7 @@ class Watcher:
         self.status.ownership = CLAIMED
         self.status.owner_identity = current.owner
         if ours and recorded.get("state") == "pending":
-            inserted = await self._ensure_permission(current.owner)
+            inserted = await ensure_owner_permission(self.sql_fn, current.owner)
             resumed = not just_claimed
             sub = recorded.get("sub")
             entry = {**recorded, "state": "claimed", "claimed_at": self.now(), "how": "auto-claim"}
@@ -521,6 +629,14 @@ class Watcher:
                      message=f"{self.module!r} is owned by {current.owner} (auto-claimed for "
                              f"{recorded.get('sub')}); nothing to do")
             return
+        if ours and recorded.get("state") == REC_SET:
+            # An operator chose this owner (`owner set`): a watcher still polling stops here.
+            self.status.claimed_by = describe_record(recorded)
+            log.info("ownership.owned", module=self.module, identity=current.owner, how="owner-set",
+                     sub=recorded.get("sub"), set_at=recorded.get("set_at"),
+                     message=f"{self.module!r} is owned by {current.owner}, set with `pogly-entrypoint owner "
+                             "set`; nothing to do")
+            return
         if recorded.get("state") == "pending":
             log.warning("ownership.claimed_elsewhere", module=self.module, identity=current.owner,
                         intended=recorded.get("owner_identity"),
@@ -536,7 +652,9 @@ class Watcher:
                          "nothing to do")
 
 
-def _bound_sql(client: httpx.AsyncClient, publisher: Publisher, module: str) -> SqlFn:
+def bound_sql(client: httpx.AsyncClient, publisher: Publisher, module: str) -> SqlFn:
+    """One module's SQL as the publisher, in the ``SqlFn`` shape the helpers above take."""
+
     async def run(statement: str) -> list[dict[str, Any]]:
         return await sql(client, publisher, module, statement)
 
@@ -552,7 +670,7 @@ async def watch(settings: Settings, status: Status, client: httpx.AsyncClient, p
     except ``CancelledError``: a bug here must not take the other lifecycle
     tasks (module logs) down with it.
     """
-    run_sql = sql_fn if sql_fn is not None else _bound_sql(client, publisher, module)
+    run_sql = sql_fn if sql_fn is not None else bound_sql(client, publisher, module)
     watcher = Watcher(settings, module, run_sql, status.module(module), sleep=sleep)
     try:
         await watcher.run()
@@ -565,6 +683,8 @@ async def watch(settings: Settings, status: Status, client: httpx.AsyncClient, p
 
 
 __all__ = [
-    "ELIGIBLE", "OWNER_PERMISSION", "Candidate", "Unsupported", "Watcher", "choose", "connection_key",
-    "disabled_message", "eligibility", "parse_payload", "watch",
+    "ELIGIBLE", "OWNER_PERMISSION", "Candidate", "Ownership", "Unsupported", "Watcher", "bound_sql", "choose",
+    "connection_key", "describe_record", "disabled_message", "eligibility", "ensure_owner_permission",
+    "owner_permissions", "owner_update", "parse_payload", "read_ownership", "record_owner_set",
+    "revoke_owner_permission", "watch",
 ]

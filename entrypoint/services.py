@@ -404,12 +404,16 @@ class CaddyService(Service):
         self._ready_msg: str | None = None  # caddy.READY_MSG, set in prepare (caddy.py imports jinja2)
 
     async def prepare(self) -> None:
-        from entrypoint import caddy, webconfig
+        from entrypoint import caddy, webapp, webconfig
         from entrypoint.process import run_capture
 
         self._ready_msg = caddy.READY_MSG
         webconfig.write_config_js(self.settings)
-        webconfig.ensure_index_loads_config(self.settings.web_root)  # logs what it did
+        # Which web build this is, from the files as the build made them (before the patch below);
+        # a bounded read in a thread so SpacetimeDB's readiness is not held up meanwhile.
+        build = await asyncio.to_thread(webapp.detect, self.settings.web_root)
+        loads = webconfig.ensure_index_loads_config(self.settings.web_root)  # logs what it did
+        self.status.webapp = webapp.report(self.settings, build, served_loads_config=loads)  # Fatal 78 if strict
         try:
             text = caddy.render(self.settings)
         except Exception as exc:  # template errors are configuration errors

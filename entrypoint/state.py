@@ -7,6 +7,7 @@ from it rather than stored, so it can never disagree with the parts it sums up.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,10 +56,16 @@ class ModuleStatus:
 class Status:
     children: dict[str, ChildStatus] = field(default_factory=dict)
     modules: dict[str, ModuleStatus] = field(default_factory=dict)
-    oidc: str = "pending"  # "pending", "verified", "unverified" (unreachable; re-checking), "failed"
+    # "pending", "verified", "unverified" (unreachable; re-checking), "failed", "disabled" (OIDC off)
+    oidc: str = "pending"
+    # Which web build is served (webapp.py): verdict, reason, index_loads_config, index_patched.
+    webapp: dict[str, Any] = field(default_factory=lambda: {"verdict": "pending"})
     publisher_identity: str | None = None
     shutting_down: bool = False
     started_at: float = field(default_factory=time.time)
+    # The supervisor's PID: `pogly-entrypoint owner set` writes its event into this process's stdout
+    # (the container log), and an operator can tell which process answers.
+    pid: int = field(default_factory=os.getpid)
 
     def child(self, name: str) -> ChildStatus:
         return self.children.setdefault(name, ChildStatus(name))
@@ -89,8 +96,10 @@ class Status:
             "not_ready": reasons,
             "shutting_down": self.shutting_down,
             "oidc": self.oidc,
+            "webapp": self.webapp,
             "publisher_identity": self.publisher_identity,
             "started_at": self.started_at,
+            "pid": self.pid,
             "children": {k: v.to_json() for k, v in self.children.items()},
             "modules": {k: v.to_json() for k, v in self.modules.items()},
         }

@@ -4,14 +4,21 @@
 identity (so an unchanged module is not published again) and one-time facts
 such as "first-boot config applied" or an ownership claim in progress.  It
 lives next to ``cli.toml`` because it is only meaningful with that identity.
+
+Two processes write it: the supervisor and ``pogly-entrypoint owner set``
+(run with ``kubectl exec`` beside it), so every read-modify-write holds an
+``flock`` on a sidecar ``.lock`` file; otherwise one could silently drop the
+other's update (a claim in progress, a published hash).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +73,33 @@ def update_module_state(config_dir: Path, module: str, **fields: Any) -> dict[st
     event loop cannot lose each other's updates.  Keys we do not know (another
     part of the entrypoint may add its own) are preserved.
     """
-    data = load_state(config_dir)
-    data["version"] = STATE_VERSION
-    entry = data["modules"].setdefault(module, {})
-    entry.update(fields)
-    atomic_write(state_path(config_dir), json.dumps(data, indent=2, sort_keys=True) + "\n", SECRET_MODE)
+    with _locked(config_dir):
+        data = load_state(config_dir)
+        data["version"] = STATE_VERSION
+        entry = data["modules"].setdefault(module, {})
+        entry.update(fields)
+        atomic_write(state_path(config_dir), json.dumps(data, indent=2, sort_keys=True) + "\n", SECRET_MODE)
     return dict(entry)
+
+
+@contextlib.contextmanager
+def _locked(config_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``pogly-entrypoint.json.lock`` (held for milliseconds).
+
+    The lock file is never deleted (deleting a lock file others may hold is
+    how two writers end up unserialised).  When it cannot be created the write
+    below fails with the real reason, so no lock is taken and none is faked.
+    """
+    try:
+        fd = os.open(config_dir / f"{STATE_FILE}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, SECRET_MODE)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 __all__ = ["STATE_FILE", "STATE_VERSION", "load_state", "module_state", "state_path", "update_module_state"]

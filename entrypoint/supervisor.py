@@ -6,8 +6,10 @@
     run()
       ├─ _main() in a TaskGroup, all concurrently:
       │    ├─ SpacetimeDB: start → lock held? wait it out → /v1/ping ready → restart policy
-      │    ├─ Caddy: config.js → render → caddy validate (cached) → run → ready → restart policy
-      │    ├─ OIDC: `oidc-check` process (fatal if wrong; unreachable → "unverified", re-checked)
+      │    ├─ Caddy: config.js → which web build (webapp.detected) → render → caddy validate (cached)
+      │    │         → run → ready → restart policy
+      │    ├─ OIDC: `oidc-check` process (fatal if wrong; unreachable → "unverified", re-checked);
+      │    │         OIDC off (both variables empty) → "disabled", nothing checked
       │    ├─ lifecycle: once SpacetimeDB is ready → identity → publish → module logs, ownership,
       │    │             and a re-check of every module after each SpacetimeDB restart
       │    ├─ announce "ready" once SpacetimeDB, Caddy, the modules and the OIDC verdict are
@@ -43,6 +45,12 @@ from entrypoint.services import CaddyService, Service, SpacetimeService
 
 log = logs.get("supervisor")
 STOP_MARGIN = 0.5  # seconds kept back from POGLY_STOP_TIMEOUT for our own exit
+OIDC_DISABLED_MESSAGE = (
+    "OIDC_ISSUER and OIDC_CLIENT_ID are both empty: sign-in is off (anonymous mode). The web app connects "
+    "with anonymous SpacetimeDB identities, no OIDC provider is checked, and nobody becomes a database's "
+    "owner by signing in first; `pogly-entrypoint owner set --identity <hex>` gives a database its owner. "
+    "Set both variables to turn sign-in on."
+)
 
 
 class Supervisor:
@@ -166,6 +174,11 @@ class Supervisor:
         authlib, joserfc and cryptography cost PID 1 about 10 MB of resident
         memory for its whole life if imported here, for a check that runs once.
         """
+        if not self.settings.oidc_enabled:
+            self.status.oidc = "disabled"
+            self._oidc_checked.set()
+            log.warning("oidc.disabled", message=OIDC_DISABLED_MESSAGE)
+            return
         code, result = await self._oidc_check(self.settings.oidc_discovery_timeout)
         if code == 0:
             self.status.oidc = "verified"

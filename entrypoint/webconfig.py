@@ -1,20 +1,32 @@
 """Runtime configuration for the browser: ``/config.js`` and the ``index.html`` hook.
 
-Why a script file at runtime: the upstream Pogly build hard-codes its OIDC
-authority and client ID, so one image could only ever talk to one provider.
-Writing ``config.js`` at startup from the environment lets the same image serve
-any provider, and patching ``index.html`` to load it means a stock upstream
-build picks it up too, without a rebuild.
+Why a script file at runtime: one image must serve any OIDC provider, and the
+Pogly web build (upstream since the self-host-rework merge, PR #92) reads its
+provider from a global that ``index.html`` loads before the bundle.  Writing
+``config.js`` at startup from the environment, and patching ``index.html`` to
+load it when a build does not already, lets the same image sign people in at
+the operator's provider without a rebuild.
 
-``config.js`` defines exactly one global::
+``config.js`` defines exactly one global, with the keys the web app reads
+(``src/Auth/oidc.ts``: ``window.POGLY_RUNTIME_CONFIG.OIDC_ISSUER`` and
+``.OIDC_CLIENT_ID``, upper case; see ``reference/webapp-contract.md``)::
 
-    window.POGLY_RUNTIME_CONFIG = Object.freeze({
-      "configVersion": 1,          // bumped only on an incompatible change of these keys
-      "oidcIssuer": "...",         // OIDC_ISSUER, verbatim: oidc-client-ts "authority"
-      "oidcClientId": "...",       // OIDC_CLIENT_ID: oidc-client-ts "client_id"
-      "streamPlatform": "twitch",  // STREAM_PLATFORM: twitch | youtube | kick
-      "streamName": "..."          // STREAM_NAME: login, video/channel ID or handle
-    });
+    window.POGLY_RUNTIME_CONFIG = {
+      "OIDC_ISSUER": "...",        // OIDC_ISSUER, verbatim: oidc-client-ts "authority"
+      "OIDC_CLIENT_ID": "...",     // OIDC_CLIENT_ID: oidc-client-ts "client_id"
+      "configVersion": 2,          // informational; nothing reads it
+      "streamPlatform": "twitch",  // informational; nothing reads it
+      "streamName": "..."          // informational; nothing reads it
+    };
+
+Both OIDC values empty is the app's anonymous mode (OIDC off); an empty string
+overrides any value built into the bundle, which is what OIDC off needs.  The
+key names live here only (``KEY_OIDC_ISSUER``, ``KEY_OIDC_CLIENT_ID``,
+``GLOBAL_NAME``); tests import them.  A plain assignment rather than
+``Object.freeze``: it is the shape upstream's own entrypoint writes, so the app
+sees exactly what it was built against (freezing would make any write to it by
+the app's strict-mode module code throw, and protects nothing: any script on
+the page can replace the global anyway).
 
 The issuer is passed verbatim (never slash-normalised) because the browser's
 authority and the ``iss`` SpacetimeDB sees must be the same string.
@@ -45,7 +57,9 @@ log = structlog.get_logger("webconfig")
 CONFIG_JS_NAME = "config.js"
 CONFIG_JS_URL = "/config.js"
 GLOBAL_NAME = "POGLY_RUNTIME_CONFIG"
-CONFIG_VERSION = 1
+KEY_OIDC_ISSUER = "OIDC_ISSUER"
+KEY_OIDC_CLIENT_ID = "OIDC_CLIENT_ID"
+CONFIG_VERSION = 2  # 1 had camel-case oidcIssuer/oidcClientId, which no web build reads
 SCRIPT_TAG = f'<script src="{CONFIG_JS_URL}"></script>'
 
 _SCRIPT_SAFE = {
@@ -63,12 +77,17 @@ _LOADS_CONFIG = re.compile(r"^(?:\./|/)?config\.js(?:[?#].*)?$", re.IGNORECASE)
 def runtime_config(settings: Settings) -> dict[str, object]:
     """The object the browser sees, as a plain dict (key names documented above)."""
     return {
+        KEY_OIDC_ISSUER: settings.oidc_issuer,
+        KEY_OIDC_CLIENT_ID: settings.oidc_client_id,
         "configVersion": CONFIG_VERSION,
-        "oidcIssuer": settings.oidc_issuer,
-        "oidcClientId": settings.oidc_client_id,
         "streamPlatform": settings.stream_platform,
         "streamName": settings.stream_name,
     }
+
+
+def loads_config(src: str) -> bool:
+    """Whether a ``<script src>`` value loads our ``config.js`` (``/``, ``./`` or bare, query allowed)."""
+    return bool(_LOADS_CONFIG.match(src.strip()))
 
 
 def script_safe_json(value: object) -> str:
@@ -86,7 +105,7 @@ def render_config_js(settings: Settings) -> str:
     body = script_safe_json(runtime_config(settings))
     return (
         "// Written by pogly-entrypoint at every start from the container's environment; do not edit.\n"
-        f"window.{GLOBAL_NAME} = Object.freeze({body});\n"
+        f"window.{GLOBAL_NAME} = {body};\n"
     )
 
 
@@ -121,7 +140,7 @@ class _IndexScanner(HTMLParser):
             self.body_start = self.getpos()
         elif tag == "script":
             src = dict(attrs).get("src") or ""
-            if _LOADS_CONFIG.match(src.strip()):
+            if loads_config(src):
                 self.loads_config = True
             if self.first_script is None:
                 self.first_script = self.getpos()

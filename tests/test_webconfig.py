@@ -13,6 +13,9 @@ import pytest
 
 from entrypoint.config import Settings
 from entrypoint.webconfig import (
+    GLOBAL_NAME,
+    KEY_OIDC_CLIENT_ID,
+    KEY_OIDC_ISSUER,
     SCRIPT_TAG,
     ensure_index_loads_config,
     inject_config_script,
@@ -25,13 +28,16 @@ HOSTILE_CLIENT_ID = "</script><script>alert(1)</script>\u2028\u2029<!-- & \"q\" 
 EVAL_IN_NODE = r"""
 const fs = require('node:fs');
 const vm = require('node:vm');
-const code = fs.readFileSync(process.argv[1], 'utf8');
+const [file, globalName, issuerKey, clientKey] = process.argv.slice(1);
+const code = fs.readFileSync(file, 'utf8');
 const window = {};
 vm.runInNewContext(code, { window });
+// Read exactly as the web app's src/Auth/oidc.ts does: the global, then the two upper-case keys.
 process.stdout.write(JSON.stringify({
   globals: Object.keys(window),
-  frozen: Object.isFrozen(window.POGLY_RUNTIME_CONFIG),
-  config: window.POGLY_RUNTIME_CONFIG,
+  issuer: window[globalName][issuerKey],
+  clientId: window[globalName][clientKey],
+  config: window[globalName],
 }));
 """
 
@@ -52,9 +58,10 @@ STOCK_INDEX = """<!doctype html>
 """
 
 
-def settings(tmp_path: Path, client_id: str = "pogly") -> Settings:
+def settings(tmp_path: Path, client_id: str = "pogly",
+             issuer: str = "https://auth.example.com/application/o/pogly/") -> Settings:
     return Settings(
-        oidc_issuer="https://auth.example.com/application/o/pogly/",
+        oidc_issuer=issuer,
         oidc_client_id=client_id,
         stream_platform="youtube",
         stream_name="@somehandle",
@@ -63,20 +70,39 @@ def settings(tmp_path: Path, client_id: str = "pogly") -> Settings:
     )
 
 
-def test_hostile_client_id_survives_a_real_js_engine(tmp_path: Path) -> None:
+def evaluate_in_node(path: Path) -> dict[str, object]:
     node = shutil.which("node")
     assert node, "node is required for this test"
-    s = settings(tmp_path, HOSTILE_CLIENT_ID)
+    result = subprocess.run([node, "-e", EVAL_IN_NODE, str(path), GLOBAL_NAME, KEY_OIDC_ISSUER,
+                             KEY_OIDC_CLIENT_ID], capture_output=True, timeout=30, check=True)
+    seen: dict[str, object] = json.loads(result.stdout.decode("utf-8"))
+    return seen
+
+
+def test_the_keys_are_the_ones_the_web_app_reads() -> None:
+    # reference/webapp-contract.md: src/Auth/oidc.ts reads window.POGLY_RUNTIME_CONFIG.OIDC_ISSUER / .OIDC_CLIENT_ID
+    assert (GLOBAL_NAME, KEY_OIDC_ISSUER, KEY_OIDC_CLIENT_ID) == ("POGLY_RUNTIME_CONFIG", "OIDC_ISSUER",
+                                                                  "OIDC_CLIENT_ID")
+
+
+def test_hostile_values_survive_a_real_js_engine(tmp_path: Path) -> None:
+    hostile_issuer = "https://auth.example.com/</script><!--x-->?a=1&b=\u2028\u2029/"
+    s = settings(tmp_path, HOSTILE_CLIENT_ID, issuer=hostile_issuer)
     path = write_config_js(s)
     assert path == tmp_path / "run" / "config.js"
-    result = subprocess.run([node, "-e", EVAL_IN_NODE, str(path)], capture_output=True, timeout=30,
-                            check=True)
-    seen = json.loads(result.stdout.decode("utf-8"))
-    assert seen["globals"] == ["POGLY_RUNTIME_CONFIG"]
-    assert seen["frozen"] is True
+    seen = evaluate_in_node(path)
+    assert seen["globals"] == [GLOBAL_NAME]
+    assert seen["clientId"] == HOSTILE_CLIENT_ID
+    assert seen["issuer"] == hostile_issuer
     assert seen["config"] == runtime_config(s)
-    assert seen["config"]["oidcClientId"] == HOSTILE_CLIENT_ID
-    assert seen["config"]["oidcIssuer"] == "https://auth.example.com/application/o/pogly/"
+
+
+def test_oidc_off_gives_the_web_app_empty_strings(tmp_path: Path) -> None:
+    # Empty strings, not absent keys: the app's `??` fallback to a build-time value must not kick in.
+    s = settings(tmp_path, "", issuer="")
+    assert not s.oidc_enabled
+    seen = evaluate_in_node(write_config_js(s))
+    assert seen["issuer"] == "" and seen["clientId"] == ""
 
 
 def test_raw_text_cannot_break_out_of_a_script_element(tmp_path: Path) -> None:
@@ -114,15 +140,15 @@ def test_raw_text_cannot_break_out_of_a_script_element(tmp_path: Path) -> None:
 def test_config_keys_and_file_properties(tmp_path: Path) -> None:
     s = settings(tmp_path)
     assert runtime_config(s) == {
-        "configVersion": 1,
-        "oidcIssuer": "https://auth.example.com/application/o/pogly/",
-        "oidcClientId": "pogly",
+        KEY_OIDC_ISSUER: "https://auth.example.com/application/o/pogly/",
+        KEY_OIDC_CLIENT_ID: "pogly",
+        "configVersion": 2,
         "streamPlatform": "youtube",
         "streamName": "@somehandle",
     }
     path = write_config_js(s)
     assert path.read_text().startswith("// Written by pogly-entrypoint")
-    assert "window.POGLY_RUNTIME_CONFIG = Object.freeze({" in path.read_text()
+    assert f"window.{GLOBAL_NAME} = {{" in path.read_text()  # a plain assignment, as upstream writes it
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     write_config_js(s)  # rewriting leaves no temp files behind
     assert sorted(p.name for p in path.parent.iterdir()) == ["config.js"]

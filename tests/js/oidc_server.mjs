@@ -41,8 +41,8 @@
 // sleeping.  SIGTERM or SIGINT closes every connection and exits 0.
 //
 // Signing in: the client is public (`token_endpoint_auth_method: none`), code flow with PKCE
-// S256 only.  The provider's development login form accepts ANY login and ANY password; the
-// login becomes the `sub` claim.  A consent page follows on first sign-in.
+// S256 only; scopes `openid`, `profile` and `email`.  The provider's development login form
+// accepts ANY login and ANY password; the login becomes the `sub` claim.  A consent page follows on first sign-in.
 
 import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
 import http from 'node:http';
@@ -167,10 +167,12 @@ function providerConfig(opts) {
       devInteractions: { enabled: true },
     },
     clientBasedCORS: (ctx, origin) => corsOrigins.has(origin),
-    claims: { openid: ['sub'], profile: ['name', 'preferred_username'] },
+    // The Pogly web app asks for `openid profile email` (upstream src/Auth/oidc.ts), so all
+    // three scopes exist here; a made-up address under the reserved .test domain.
+    claims: { openid: ['sub'], profile: ['name', 'preferred_username'], email: ['email', 'email_verified'] },
     findAccount: (ctx, sub) => ({
       accountId: sub,
-      claims: () => ({ sub, name: sub, preferred_username: sub }),
+      claims: () => ({ sub, name: sub, preferred_username: sub, email: `${sub}@example.test`, email_verified: false }),
     }),
   };
 }
