@@ -15,8 +15,8 @@ import signal
 import sys
 from typing import Any
 
-from entrypoint import __version__
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE
+from entrypoint.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,8 +106,8 @@ def _settings_or_exit() -> Any:
 
 def cmd_run(pending: list[int]) -> int:
     settings = _settings_or_exit()
-    from entrypoint.spacetime import prespawn
-    from entrypoint.spawn import become_subreaper
+    from entrypoint.spacetimedb.server import prespawn
+    from entrypoint.supervision.spawn import become_subreaper
 
     # Adopt orphans before the first child exists (PID 1 does so by nature).
     reaper_role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
@@ -128,11 +128,11 @@ async def _run(settings: Any, pending: list[int], early: tuple[int, int, int, fl
     import asyncio
 
     from entrypoint import logs
-    from entrypoint.process import Reaper
-    from entrypoint.supervisor import Supervisor
+    from entrypoint.supervision.process import Reaper
+    from entrypoint.supervision.supervisor import Supervisor
 
     log = logs.get()
-    log.info("entrypoint.start", version=__import__("entrypoint").__version__, pid=os.getpid(), reaper=role,
+    log.info("entrypoint.start", version=__version__, pid=os.getpid(), reaper=role,
              issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
     if role == "none":
         log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
@@ -168,8 +168,10 @@ def cmd_check() -> int:
 async def _check(settings: Any) -> int:
     import asyncio
 
-    from entrypoint import caddy, oidc, webapp, webconfig
-    from entrypoint.process import Reaper, run_capture
+    from entrypoint.oidc import check as oidc
+    from entrypoint.supervision.process import Reaper, run_capture
+    from entrypoint.web import caddy, webapp
+    from entrypoint.web import config_js as webconfig
 
     reaper = Reaper()
     reaper.install(asyncio.get_running_loop())
@@ -225,7 +227,8 @@ async def _check(settings: Any) -> int:
 
 def cmd_render() -> int:
     settings = _settings_or_exit()
-    from entrypoint import caddy, webconfig
+    from entrypoint.web import caddy
+    from entrypoint.web import config_js as webconfig
 
     try:
         caddyfile = caddy.render(settings)
@@ -244,7 +247,8 @@ def cmd_patch_index(web_root: str) -> int:
     at start.  0 when it does (now or already), 1 when it cannot (no ``index.html``, not writable)."""
     from pathlib import Path
 
-    from entrypoint import logs, webconfig
+    from entrypoint import logs
+    from entrypoint.web import config_js as webconfig
 
     logs.configure("json", stream=sys.stderr)
     return 0 if webconfig.ensure_index_loads_config(Path(web_root)) else 1
@@ -262,7 +266,7 @@ def _health_addr() -> Any:
 
 
 def cmd_probe(which: str, timeout: float) -> int:
-    from entrypoint.health import main_probe
+    from entrypoint.web.health import main_probe
 
     return main_probe(_health_addr(), which, timeout)  # type: ignore[arg-type]
 
@@ -270,7 +274,7 @@ def cmd_probe(which: str, timeout: float) -> int:
 def cmd_status(as_json: bool) -> int:
     import asyncio
 
-    from entrypoint.health import HealthError, fetch_status
+    from entrypoint.web.health import HealthError, fetch_status
 
     addr = _health_addr()
     try:
@@ -321,7 +325,8 @@ def cmd_oidc_check(timeout: float | None) -> int:
     settings = _settings_or_exit()
     from dataclasses import replace
 
-    from entrypoint import logs, oidc
+    from entrypoint import logs
+    from entrypoint.oidc import check as oidc
 
     logs.configure("json", settings.debug_mode, stream=sys.stderr)
     if not settings.oidc_enabled:  # OIDC off: the supervisor never asks; answer plainly if a person does
@@ -340,7 +345,7 @@ def cmd_oidc_check(timeout: float | None) -> int:
 
 
 def cmd_identity(sub: str, issuer: str | None) -> int:
-    from entrypoint.identity import from_claims
+    from entrypoint.spacetimedb.identity import from_claims
 
     issuer = issuer or os.environ.get("OIDC_ISSUER", "").strip()
     if not issuer:
@@ -354,7 +359,7 @@ def cmd_identity(sub: str, issuer: str | None) -> int:
 def cmd_owner(args: argparse.Namespace) -> int:
     """``owner show|set``: see entrypoint/owner_admin.py (exit 0, 65 not Pogly, 69, 70, 78)."""
     settings = _settings_or_exit()
-    from entrypoint.owner_admin import main as owner_main
+    from entrypoint.spacetimedb.owner_admin import main as owner_main
 
     return owner_main(settings, args.owner_action, as_json=args.json, module=args.module,
                       sub=getattr(args, "sub", None), issuer=getattr(args, "issuer", None),

@@ -45,7 +45,7 @@ def is_entrypoint(pid: int) -> bool:
 
 async def find_supervisor(health_addr: HostPort) -> tuple[int | None, str]:
     """The supervisor's PID and how it was found, or None and why not."""
-    from entrypoint.health import HealthError, fetch_status
+    from entrypoint.web.health import HealthError, fetch_status
 
     reasons: list[str] = []
     try:

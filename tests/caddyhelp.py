@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from entrypoint import caddy
 from entrypoint.config import HostPort, Settings
-from entrypoint.health import HealthServer
-from entrypoint.state import READY, Status
+from entrypoint.supervision.status import READY, Status
+from entrypoint.web import caddy
+from entrypoint.web.health import HealthServer
 
 T = TypeVar("T")
 

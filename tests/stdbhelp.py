@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from entrypoint.config import HostPort
-from entrypoint.spacetime import parse_listening_addr
+from entrypoint.spacetimedb.server import parse_listening_addr
 
 STANDIN = Path(__file__).parent / "standin" / "bin" / "spacetime"
 START_DEADLINE = 30.0

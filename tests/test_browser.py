@@ -38,9 +38,9 @@ from typing import Any
 import httpx
 import pytest
 
-from entrypoint import webconfig
-from entrypoint.identity import from_claims
-from entrypoint.publisher import token_identity
+from entrypoint.spacetimedb.credentials import token_identity
+from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.web import config_js as webconfig
 from tests.browser import webapp
 from tests.harness import REPO, VENV_BIN, Running, base_env
 from tests.oidc.fixtures import node_available, node_provider
@@ -162,7 +162,7 @@ def _drive(run: Running, origin: str, screenshot: Path, *args: str) -> dict[str,
 
 
 def test_page_reads_exactly_the_keys_config_js_writes() -> None:
-    """The stand-in reads the names entrypoint.webconfig writes, and those are upstream's names."""
+    """The stand-in reads the names entrypoint.web.config_js writes, and those are upstream's names."""
     assert webconfig.GLOBAL_NAME == UPSTREAM_GLOBAL
     assert {webconfig.KEY_OIDC_ISSUER, webconfig.KEY_OIDC_CLIENT_ID} == UPSTREAM_KEYS
 

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as ws_connect
 
-from entrypoint import caddy, config
+from entrypoint import config
 from entrypoint.config import ConfigError, HostPort
+from entrypoint.web import caddy
 from tests import caddyhelp as ch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,8 +197,8 @@ def stack_strict(bg, tmp_path_factory):  # type: ignore[no-untyped-def]
 def test_root_template_is_a_symlink_to_the_packaged_one() -> None:
     root = REPO / "Caddyfile.j2"
     assert root.is_symlink()
-    assert root.resolve() == (REPO / "entrypoint" / "templates" / "Caddyfile.j2").resolve()
-    assert (REPO / "entrypoint" / "templates").resolve() == caddy.TEMPLATE_DIR
+    assert root.resolve() == (REPO / "entrypoint" / "web" / "templates" / "Caddyfile.j2").resolve()
+    assert (REPO / "entrypoint" / "web" / "templates").resolve() == caddy.TEMPLATE_DIR
 
 
 def test_render_defaults(tmp_path: Path) -> None:

@@ -204,8 +204,10 @@ def test_dockerfile_settings_match_the_defaults() -> None:
         assert key in fields, f"the Dockerfile sets {key}, which config.py does not read"
         assert value == str(settings_default(fields[key])), f"{key}={value} but config.py's default differs"
     for key in env:
-        if key.isupper() and not key.startswith(("PYTHON", "PIP_", "PATH")):
+        if key.isupper() and not key.startswith(("PYTHON", "PIP_", "PATH")) and key != "HOME":
             assert key in known_variables(), f"the Dockerfile sets {key}, which config.py does not read"
+    # HOME for every uid (--user 10001:0 has no passwd entry): ~/.config/spacetime is the config volume.
+    assert env["HOME"] == str(Path(str(settings_default("config_dir"))).parent)
 
 
 def test_dockerfile_volumes_ports_and_copies_use_the_settings_paths() -> None:
@@ -315,7 +317,7 @@ def build_context(dest: Path) -> Path:
 def test_dockerignore_keeps_the_context_to_the_wheel_sources(tmp_path: Path) -> None:
     ctx = build_context(tmp_path / "ctx")
     sent = {p.relative_to(ctx).as_posix() for p in ctx.rglob("*") if p.is_file()}
-    assert {"pyproject.toml", "README.md", "entrypoint/__main__.py", "entrypoint/templates/Caddyfile.j2"} <= sent
+    assert {"pyproject.toml", "README.md", "entrypoint/__main__.py", "entrypoint/web/templates/Caddyfile.j2"} <= sent
     stray = sorted(p for p in sent if not (p in ("pyproject.toml", "README.md") or p.startswith("entrypoint/")))
     assert not stray, f".dockerignore lets these into the build context: {stray}"
     assert not any("__pycache__" in p for p in sent)
@@ -343,7 +345,7 @@ def test_wheel_installs_in_a_clean_venv_and_runs(tmp_path: Path) -> None:
     import zipfile
 
     names = zipfile.ZipFile(built[0]).namelist()
-    assert "entrypoint/templates/Caddyfile.j2" in names, "the Caddy template must ship in the wheel"
+    assert "entrypoint/web/templates/Caddyfile.j2" in names, "the Caddy template must ship in the wheel"
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(built[0])],
@@ -357,17 +359,18 @@ def test_wheel_installs_in_a_clean_venv_and_runs(tmp_path: Path) -> None:
                            text=True, env=env, timeout=60, cwd=tmp_path)
     assert probe.returncode == 0 and "ready" in probe.stdout
 
-    # The Dockerfile's build-time index.html patch, run with the installed package.
+    # The Dockerfile's build-time index.html patch (a CLI subcommand, so it survives module moves),
+    # run with the installed package.
     run = " ".join(args for word, args in final_stage() if word == "RUN")
-    snippet = re.search(r'python -c "([^"]+)"', run)
-    assert snippet, "the Dockerfile no longer patches index.html at build time"
+    patch = re.search(r"pogly-entrypoint patch-index (\S+)", run)
+    assert patch, "the Dockerfile no longer patches index.html at build time"
+    assert patch.group(1) == str(settings_default("web_root"))
     web = tmp_path / "web"
     web.mkdir()
     (web / "index.html").write_text('<!doctype html><html><head><script type="module" src="/assets/app.js">'
                                     "</script></head><body></body></html>")
-    code = snippet.group(1).replace(str(settings_default("web_root")), str(web))
-    patched = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                             env=env, timeout=60, cwd=tmp_path)
+    patched = subprocess.run([str(venv / "bin" / "pogly-entrypoint"), "patch-index", str(web)], capture_output=True,
+                             text=True, env=env, timeout=60, cwd=tmp_path)
     assert patched.returncode == 0, patched.stdout + patched.stderr
     assert '<script src="/config.js"></script>' in (web / "index.html").read_text()
 

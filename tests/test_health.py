@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from entrypoint.config import HostPort
-from entrypoint.health import HealthError, HealthServer, answer, fetch_status, probe
-from entrypoint.state import BACKOFF, READY, STARTING, Status
+from entrypoint.supervision.status import BACKOFF, READY, STARTING, Status
+from entrypoint.web.health import HealthError, HealthServer, answer, fetch_status, probe
 from tests import caddyhelp as ch
 
 Scenario = Callable[[HealthServer, Status], Awaitable[None]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entrypoint import identity
+from entrypoint.spacetimedb import identity
 
 VECTOR_ISS = "localhost"
 VECTOR_SUB = "c609bdb5-0025-4c6d-b2e9-8f28103b35e3"

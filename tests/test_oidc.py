@@ -16,7 +16,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from entrypoint.config import Settings
-from entrypoint.oidc import (
+from entrypoint.oidc.check import (
     EXIT_UNAVAILABLE,
     OidcConfigError,
     OidcUnavailable,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from entrypoint.webconfig import GLOBAL_NAME, KEY_OIDC_CLIENT_ID, KEY_OIDC_ISSUER
+from entrypoint.web.config_js import GLOBAL_NAME, KEY_OIDC_CLIENT_ID, KEY_OIDC_ISSUER
 from tests.harness import Running, base_env
 
 READ_AS_THE_APP_DOES = r"""

@@ -1,4 +1,4 @@
-"""``pogly-entrypoint owner show|set`` (entrypoint/owner_admin.py), issue 10 item 4.
+"""``pogly-entrypoint owner show|set`` (entrypoint/spacetimedb/owner_admin.py), issue 10 item 4.
 
 The command always runs as its own process (``python -m entrypoint owner …``),
 as an operator runs it with ``kubectl exec``: against the SpacetimeDB stand-in
@@ -25,12 +25,12 @@ import httpx
 import pytest
 
 from entrypoint.config import Settings
-from entrypoint.identity import from_claims
-from entrypoint.ownership import Watcher
-from entrypoint.publisher import Publisher, cli_document, dump_toml
-from entrypoint.sqlapi import parse_sql_result, sql
-from entrypoint.state import Status
-from entrypoint.statefile import module_state
+from entrypoint.spacetimedb.credentials import Publisher, cli_document, dump_toml
+from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.spacetimedb.ownership import Watcher
+from entrypoint.spacetimedb.sql import parse_sql_result, sql
+from entrypoint.spacetimedb.statefile import module_state
+from entrypoint.supervision.status import Status
 from tests.harness import ENTRYPOINT, REPO, Running, base_env, free_port
 from tests.oidc.fixtures import node_available, node_provider
 from tests.stdbhelp import StandIn
@@ -206,7 +206,7 @@ def test_previous_owner_loses_only_its_owner_permission(world: World) -> None:
 
 
 def test_the_record_keeps_who_auto_claimed_before(world: World) -> None:
-    from entrypoint.statefile import update_module_state
+    from entrypoint.spacetimedb.statefile import update_module_state
 
     world.query(f"UPDATE Config SET OwnerIdentity = 0x{ALICE} WHERE Version = 0")
     world.query(f"INSERT INTO Permissions (Identity, PermissionType) VALUES (0x{ALICE}, 9999)")
@@ -402,7 +402,7 @@ def test_every_log_line_is_one_write_so_an_injected_line_never_splits_ours() -> 
 
 
 def test_every_owner_event_is_documented() -> None:
-    source = (REPO / "entrypoint" / "owner_admin.py").read_text()
+    source = (REPO / "entrypoint" / "spacetimedb" / "owner_admin.py").read_text()
     names = set(re.findall(r'log\.\w+\(\s*"(owner\.[a-z_]+)"', source))
     assert names == {"owner.set", "owner.unchanged", "owner.set_failed"}
     operations = (REPO / "docs" / "operations.md").read_text()

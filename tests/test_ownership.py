@@ -1,4 +1,4 @@
-"""First-user auto-claim (entrypoint/ownership.py), issue 6.
+"""First-user auto-claim (entrypoint/spacetimedb/ownership.py), issue 6.
 
 Two layers:
 
@@ -32,10 +32,11 @@ import pytest
 from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 
-from entrypoint import ownership
 from entrypoint.config import Settings
-from entrypoint.identity import from_claims
-from entrypoint.ownership import (
+from entrypoint.spacetimedb import ownership
+from entrypoint.spacetimedb.credentials import Publisher
+from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.spacetimedb.ownership import (
     ELIGIBLE,
     Candidate,
     Watcher,
@@ -44,10 +45,9 @@ from entrypoint.ownership import (
     eligibility,
     watch,
 )
-from entrypoint.publisher import Publisher
-from entrypoint.sqlapi import SqlError, sql
-from entrypoint.state import ModuleStatus, Status
-from entrypoint.statefile import module_state
+from entrypoint.spacetimedb.sql import SqlError, sql
+from entrypoint.spacetimedb.statefile import module_state
+from entrypoint.supervision.status import ModuleStatus, Status
 from tests.harness import wait_for
 from tests.oidc.fixtures import NodeProvider, node_available, node_provider
 from tests.oidc.signin import APP_ORIGIN, follow_to_app, pkce

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from entrypoint import logs
-from entrypoint.process import Child, ChildSpec, LineFramer, Reaper, run_capture
+from entrypoint.supervision.process import Child, ChildSpec, LineFramer, Reaper, run_capture
 
 
 def frame(chunks: list[bytes], max_line: int = 10) -> list[tuple[bytes, bool]]:
@@ -165,7 +165,7 @@ def test_spawn_failure_raises_oserror() -> None:
 
 def test_child_spawned_before_the_loop_keeps_its_exit_status() -> None:
     """spacetime.prespawn: the child may even be dead before the reaper exists."""
-    from entrypoint.spawn import spawn
+    from entrypoint.supervision.spawn import spawn
 
     pid, out_fd, err_fd = spawn(["/bin/sh", "-c", "echo early; exit 5"], dict(os.environ))
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # dead (a zombie) before any loop exists

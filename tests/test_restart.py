@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from entrypoint.restart import RestartPolicy
+from entrypoint.supervision.restart import RestartPolicy
 
 
 def policy(**kw: object) -> RestartPolicy:

@@ -27,13 +27,12 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from entrypoint import publish, spacetime
 from entrypoint.config import HostPort, Settings
 from entrypoint.errors import Fatal
-from entrypoint.identity import from_claims
-from entrypoint.modulelogs import follow_module_logs, module_log_event
-from entrypoint.publish import first_boot_statement, publish_all
-from entrypoint.publisher import (
+from entrypoint.spacetimedb import publish
+from entrypoint.spacetimedb import server as spacetime
+from entrypoint.spacetimedb.api import Backoff, NotOwner, parse_ownership_error
+from entrypoint.spacetimedb.credentials import (
     Publisher,
     cli_document,
     dump_toml,
@@ -41,7 +40,10 @@ from entrypoint.publisher import (
     link_cli_config,
     token_identity,
 )
-from entrypoint.sqlapi import (
+from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.spacetimedb.module_logs import follow_module_logs, module_log_event
+from entrypoint.spacetimedb.publish import first_boot_statement, publish_all
+from entrypoint.spacetimedb.sql import (
     SqlError,
     parse_sql_result,
     sql,
@@ -50,9 +52,8 @@ from entrypoint.sqlapi import (
     sql_literal,
     sql_string,
 )
-from entrypoint.state import Status
-from entrypoint.statefile import load_state, module_state, update_module_state
-from entrypoint.stdbhttp import Backoff, NotOwner, parse_ownership_error
+from entrypoint.spacetimedb.statefile import load_state, module_state, update_module_state
+from entrypoint.supervision.status import Status
 from tests import stdbhelp
 from tests.fixtures.make_wasm import module as make_module
 

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from entrypoint import webapp
 from entrypoint.config import Settings
 from entrypoint.errors import Fatal
-from entrypoint.webconfig import GLOBAL_NAME, KEY_OIDC_CLIENT_ID, KEY_OIDC_ISSUER, ensure_index_loads_config
+from entrypoint.web import webapp
+from entrypoint.web.config_js import GLOBAL_NAME, KEY_OIDC_CLIENT_ID, KEY_OIDC_ISSUER, ensure_index_loads_config
 from tests.harness import Running, base_env, free_port
 
 BUNDLE = "assets/index-4f2a9c.js"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from entrypoint.config import Settings
-from entrypoint.webconfig import (
+from entrypoint.web.config_js import (
     GLOBAL_NAME,
     KEY_OIDC_CLIENT_ID,
     KEY_OIDC_ISSUER,

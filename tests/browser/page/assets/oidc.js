@@ -18,7 +18,7 @@
 //   - the origin has a trailing "." removed and the base path is "" for a site served at "/"
 //     (the fix of 30477e0 for redirect URIs like https://host./callback).
 //
-// tests/test_browser.py checks that the keys read here are exactly the ones entrypoint/webconfig.py
+// tests/test_browser.py checks that the keys read here are exactly the ones entrypoint/web/config_js.py
 // writes, and that those are upstream's.
 
 const BUILD_TIME = {}; // upstream: process.env.OIDC_* baked in by `vite build`; none in the stand-in

@@ -64,9 +64,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
-from entrypoint.identity import from_claims, normalize_hex
-from entrypoint.sqlapi import SqlError, is_missing_table, sql, sql_identity
-from entrypoint.statefile import module_state, update_module_state
+from entrypoint.spacetimedb.identity import from_claims, normalize_hex
+from entrypoint.spacetimedb.sql import SqlError, is_missing_table, sql, sql_identity
+from entrypoint.spacetimedb.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -74,8 +74,8 @@ if TYPE_CHECKING:
     import httpx
 
     from entrypoint.config import Settings
-    from entrypoint.publisher import Publisher
-    from entrypoint.state import ModuleStatus, Status
+    from entrypoint.spacetimedb.credentials import Publisher
+    from entrypoint.supervision.status import ModuleStatus, Status
 
 log = logs.get("ownership")
 

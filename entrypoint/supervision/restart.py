@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -51,3 +51,19 @@ class RestartPolicy:
         delay = min(self.cap, base * (1.0 + self.jitter * self.rng()))
         self._attempt += 1
         return Verdict(False, delay, len(self._deaths))
+
+
+def delays(first: float, cap: float, *, factor: float = 2.0, jitter: float = 0.0,
+           rng: Callable[[], float] = random.random) -> Iterator[float]:
+    """The one backoff: ``first``, ``first·factor``, … capped at ``cap``, forever.
+
+    Every retry loop in the program (restarts, the lock wait, HTTP and OIDC
+    retries, ownership polling, module-log reconnects) draws its pauses from
+    here, so they all grow, cap and spread the same way.  ``jitter`` stretches
+    each delay by up to that fraction (``rng`` injected so tests are exact):
+    many pods restarted together should not retry in step.
+    """
+    base = first
+    while True:
+        yield min(cap, base * (1.0 + jitter * rng()))
+        base = min(cap, base * factor)

@@ -210,7 +210,7 @@ def parse_ownership_error(status: int, text: str) -> NotOwner | None:
 
 def identity_from_json(value: Any) -> str | None:
     """An identity from any JSON shape the API uses: ``"c200…"``, ``"0x…"``, ``{"__identity__": …}``, ``[…]``."""
-    from entrypoint.identity import normalize_hex
+    from entrypoint.spacetimedb.identity import normalize_hex
 
     if isinstance(value, dict) and len(value) == 1:
         value = next(iter(value.values()))

@@ -26,7 +26,7 @@ from pathlib import Path
 from entrypoint.config import HostPort, Settings, parse_host_port
 from entrypoint.errors import EXIT_CONFIG, Fatal
 from entrypoint.fsutil import SECRET_MODE
-from entrypoint.spawn import spawn
+from entrypoint.supervision.spawn import spawn
 
 CLI_TOML = "cli.toml"
 PRIVATE_KEY = "id_ecdsa"

@@ -24,11 +24,7 @@ from typing import TYPE_CHECKING, Any
 from entrypoint import logs
 from entrypoint.config import Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
-from entrypoint.publisher import Publisher, token_rejected, token_sub
-from entrypoint.spacetime import CLI_TOML
-from entrypoint.sqlapi import SqlError, is_missing_table, sql, sql_bool, sql_string
-from entrypoint.statefile import module_state, update_module_state
-from entrypoint.stdbhttp import (
+from entrypoint.spacetimedb.api import (
     DEFAULT_BACKOFF,
     PUBLISH_TIMEOUT,
     Backoff,
@@ -41,11 +37,15 @@ from entrypoint.stdbhttp import (
     request_or_fatal,
     request_with_retry,
 )
+from entrypoint.spacetimedb.credentials import Publisher, token_rejected, token_sub
+from entrypoint.spacetimedb.server import CLI_TOML
+from entrypoint.spacetimedb.sql import SqlError, is_missing_table, sql, sql_bool, sql_string
+from entrypoint.spacetimedb.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
     import httpx
 
-    from entrypoint.state import Status
+    from entrypoint.supervision.status import Status
 
 log = logs.get("publish")
 

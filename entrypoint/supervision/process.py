@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from entrypoint import logs
-from entrypoint.spawn import spawn
+from entrypoint.supervision.spawn import spawn
 
 READ_CHUNK = 65536
 DRAIN_TIMEOUT = 1.0

@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
-from entrypoint.identity import from_claims
-from entrypoint.ownership import (
+from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.spacetimedb.ownership import (
     CLAIMED,
     NOT_POGLY,
     REC_CLAIMED,
@@ -66,13 +66,13 @@ from entrypoint.ownership import (
     record_owner_set,
     revoke_owner_permission,
 )
-from entrypoint.sqlapi import SqlError
+from entrypoint.spacetimedb.sql import SqlError
 
 if TYPE_CHECKING:
     import httpx
 
     from entrypoint.config import Settings
-    from entrypoint.publisher import Publisher
+    from entrypoint.spacetimedb.credentials import Publisher
 
 log = logs.get("owner")
 
@@ -165,8 +165,8 @@ def selected_modules(settings: Settings, module: str | None) -> tuple[str, ...]:
 
 def read_publisher(settings: Settings) -> Publisher:
     """The supervisor's publisher identity and token, from ``cli.toml`` on the config volume."""
-    from entrypoint.publisher import Publisher, read_cli_toml, token_identity
-    from entrypoint.spacetime import CLI_TOML
+    from entrypoint.spacetimedb.credentials import Publisher, read_cli_toml, token_identity
+    from entrypoint.spacetimedb.server import CLI_TOML
 
     path = settings.config_dir / CLI_TOML
     try:
@@ -222,7 +222,7 @@ async def connect(settings: Settings) -> AsyncIterator[Link]:
     """The publisher's token and a client that has seen SpacetimeDB answer ``/v1/ping``."""
     import httpx
 
-    from entrypoint.stdbhttp import describe_error
+    from entrypoint.spacetimedb.api import describe_error
 
     publisher = read_publisher(settings)
     async with httpx.AsyncClient(base_url=settings.spacetime_addr.url,
@@ -307,8 +307,8 @@ async def inspect(link: Link, module: str) -> ModuleReport:
     """Read one module's ownership; ``OwnerError`` only when SpacetimeDB itself cannot be used."""
     import httpx
 
-    from entrypoint.statefile import module_state
-    from entrypoint.stdbhttp import describe_error
+    from entrypoint.spacetimedb.api import describe_error
+    from entrypoint.spacetimedb.statefile import module_state
 
     run_sql = link.sql_fn(module)
     try:
@@ -508,7 +508,7 @@ async def _apply_logged(link: Link, report: ModuleReport, target: Target) -> Set
     """``apply`` plus its event and state record; a failure part-way is logged as ``owner.set_failed``."""
     import httpx
 
-    from entrypoint.stdbhttp import describe_error
+    from entrypoint.spacetimedb.api import describe_error
 
     def record() -> None:
         previous = report.record if report.record.get("state") != REC_SET else report.record.get("previous")

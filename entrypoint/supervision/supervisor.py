@@ -37,11 +37,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from entrypoint import logs, state
+from entrypoint import logs
 from entrypoint.config import Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
-from entrypoint.process import Reaper, Spawner, spawn
-from entrypoint.services import CaddyService, Service, SpacetimeService
+from entrypoint.spacetimedb.service import SpacetimeService
+from entrypoint.supervision import status as state
+from entrypoint.supervision.process import Reaper, Spawner, spawn
+from entrypoint.supervision.service import Service
+from entrypoint.web.caddy_service import CaddyService
 
 log = logs.get("supervisor")
 STOP_MARGIN = 0.5  # seconds kept back from POGLY_STOP_TIMEOUT for our own exit
@@ -107,7 +110,7 @@ class Supervisor:
 
     async def _serve_health(self) -> None:
         """Start /livez, /readyz, /status; it outlives _main so probes see the whole shutdown."""
-        from entrypoint.health import HealthServer
+        from entrypoint.web.health import HealthServer
 
         server = HealthServer(self.status, self.settings.health_addr.host, self.settings.health_addr.port)
         try:
@@ -208,7 +211,7 @@ class Supervisor:
             delay = min(delay * 2, 60.0)
 
     async def _oidc_check(self, timeout: float) -> tuple[int, dict[str, Any]]:
-        from entrypoint.process import run_capture
+        from entrypoint.supervision.process import run_capture
 
         argv = [sys.executable, "-m", "entrypoint", "oidc-check", "--timeout", f"{timeout:g}"]
         code, out, err = await run_capture(argv, dict(os.environ), timeout + 10.0, self.reaper)
@@ -227,10 +230,10 @@ class Supervisor:
         await self.spacetime.first_ready.wait()
         import httpx
 
-        from entrypoint.modulelogs import follow_module_logs
-        from entrypoint.publish import publish_all
-        from entrypoint.publisher import ensure_identity
-        from entrypoint.spacetime import tighten_key_modes
+        from entrypoint.spacetimedb.credentials import ensure_identity
+        from entrypoint.spacetimedb.module_logs import follow_module_logs
+        from entrypoint.spacetimedb.publish import publish_all
+        from entrypoint.spacetimedb.server import tighten_key_modes
 
         base = self.settings.spacetime_addr.url
         async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
@@ -253,7 +256,7 @@ class Supervisor:
         just before it; ``publish_all`` skips what is present and unchanged, so
         this costs one identity lookup per module when nothing was lost.
         """
-        from entrypoint.publish import publish_all
+        from entrypoint.spacetimedb.publish import publish_all
 
         generation = self.spacetime.generation
         while True:
@@ -263,7 +266,7 @@ class Supervisor:
     def _start_ownership(self, tasks: asyncio.TaskGroup, client: Any, publisher: Any) -> None:
         """Seam for the first-user auto-claim (ownership.py)."""
         try:
-            from entrypoint import ownership
+            from entrypoint.spacetimedb import ownership
         except ImportError:
             return
         for module in self.settings.modules:

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, Fatal
-from entrypoint.webconfig import GLOBAL_NAME, SCRIPT_TAG, loads_config
+from entrypoint.web.config_js import GLOBAL_NAME, SCRIPT_TAG, loads_config
 
 log = logs.get("webapp")
 

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 import h11
 import httpx
 
-from .config import HostPort
-from .state import Status
+from entrypoint.config import HostPort
+from entrypoint.supervision.status import Status
 
 MAX_HEADER_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024

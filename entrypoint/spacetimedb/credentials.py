@@ -32,8 +32,8 @@ from entrypoint import logs
 from entrypoint.config import HostPort, Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
 from entrypoint.fsutil import SECRET_MODE, atomic_write
-from entrypoint.spacetime import CLI_TOML, PRIVATE_KEY, PUBLIC_KEY
-from entrypoint.stdbhttp import DEFAULT_BACKOFF, Backoff, body_text, database_owner, request_or_fatal
+from entrypoint.spacetimedb.api import DEFAULT_BACKOFF, Backoff, body_text, database_owner, request_or_fatal
+from entrypoint.spacetimedb.server import CLI_TOML, PRIVATE_KEY, PUBLIC_KEY
 
 if TYPE_CHECKING:
     import httpx
@@ -74,7 +74,7 @@ def token_claims(token: str) -> dict[str, Any]:
 
 def token_identity(token: str) -> str:
     """The identity a token stands for: its ``hex_identity``, else ``from_claims(iss, sub)``."""
-    from entrypoint import identity
+    from entrypoint.spacetimedb import identity
 
     claims = token_claims(token)
     if isinstance(claims.get("hex_identity"), str):
@@ -343,7 +343,7 @@ async def ensure_identity(
                                           backoff=backoff)
         try:
             data = response.json()
-            from entrypoint.identity import normalize_hex
+            from entrypoint.spacetimedb.identity import normalize_hex
 
             publisher = Publisher(normalize_hex(data["identity"]), str(data["token"]))
         except (ValueError, KeyError, TypeError):

@@ -14,7 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
-from entrypoint.stdbhttp import (
+from entrypoint.spacetimedb.api import (
     CONNECT_TIMEOUT,
     LOG_BACKOFF,
     REQUEST_TIMEOUT,
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import httpx
 
     from entrypoint.config import Settings
-    from entrypoint.publisher import Publisher
+    from entrypoint.spacetimedb.credentials import Publisher
 
 log = logs.get("modulelogs")
 

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import structlog
 
-from .config import Settings
-from .fsutil import atomic_write
+from entrypoint.config import Settings
+from entrypoint.fsutil import atomic_write
 
 log = structlog.get_logger("webconfig")
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import jinja2
 
-from .config import ConfigError, Problem, Settings
-from .fsutil import atomic_write
+from entrypoint.config import ConfigError, Problem, Settings
+from entrypoint.fsutil import atomic_write
 
 TEMPLATE_NAME = "Caddyfile.j2"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"

@@ -54,7 +54,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from .config import EXIT_CONFIG, Settings
+from entrypoint.config import EXIT_CONFIG, Settings
 
 log = structlog.get_logger("oidc")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from entrypoint.stdbhttp import CONNECT_TIMEOUT, REQUEST_TIMEOUT, SpacetimeError, body_text
+from entrypoint.spacetimedb.api import CONNECT_TIMEOUT, REQUEST_TIMEOUT, SpacetimeError, body_text
 
 if TYPE_CHECKING:
     import httpx
 
-    from entrypoint.publisher import Publisher
+    from entrypoint.spacetimedb.credentials import Publisher
 
 
 class SqlError(SpacetimeError):
@@ -49,7 +49,7 @@ def sql_bool(value: bool) -> str:
 
 def sql_identity(value: str) -> str:
     """An Identity literal (``0x`` + 64 hex) from any accepted spelling; refuses non-identities."""
-    from entrypoint.identity import normalize_hex
+    from entrypoint.spacetimedb.identity import normalize_hex
 
     return "0x" + normalize_hex(value)
 
