@@ -28,12 +28,27 @@ ARG SPACETIME_IMAGE=clockworklabs/spacetime:v1.7.0
 ARG CADDY_IMAGE=caddy:2.11.7
 # Upstream Pogly image, used only as the source of the built web app
 # (/usr/share/caddy) and module (/app/pogly.wasm).  "main" is the branch tag
-# upstream's CI publishes from main: pin its digest.  Any image with the same
-# two paths works (e.g. a fork whose web app reads /config.js).
+# upstream's CI (.github/workflows/docker.yml) publishes from main; since the
+# "self-host-rework" merge (PR #92, 2026-05-11) its web app reads
+# window.POGLY_RUNTIME_CONFIG.OIDC_ISSUER / .OIDC_CLIENT_ID from /config.js,
+# which pogly-entrypoint writes: it signs in at *your* provider.  Pin the
+# digest of a build from 2026-05-11 or later:
+#   docker buildx imagetools inspect ghcr.io/poglyapp/pogly:main   # "Digest: sha256:…"
+#   --build-arg POGLY_IMAGE=ghcr.io/poglyapp/pogly:main@sha256:<digest>
+# An older build (e.g. v0.2.2-beta, or main before the merge) hard-codes
+# SpacetimeAuth and ignores /config.js: at start the entrypoint logs
+# webapp.detected with verdict "hard-coded-spacetimeauth" and a warning, and
+# under STRICT_MODE=true exits 78.  Any image with the same two paths works
+# (a fork, your own build).
 ARG POGLY_IMAGE=ghcr.io/poglyapp/pogly:main
 # Python for pogly-entrypoint; the runtime base of the final image.  Debian
 # bookworm, like the SpacetimeDB image, and 3.11 like the test suite.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Image metadata (OCI labels); `make image` passes the version from
+# pyproject.toml, the git commit and the git remote.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
 
 # ---------------------------------------------------------------------------
 # Sources of prebuilt artefacts (nothing runs in these stages).
@@ -59,10 +74,16 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
+ARG VERSION
+ARG REVISION
+ARG SOURCE
 
 LABEL org.opencontainers.image.title="pogly" \
       org.opencontainers.image.description="Self-hosted Pogly: SpacetimeDB + Caddy supervised by pogly-entrypoint" \
-      org.opencontainers.image.licenses="MIT"
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}"
 
 # SpacetimeDB: the CLI execs its sibling spacetimedb-standalone, so both live
 # in /opt/spacetime, with the same /usr/local/bin/spacetime link as upstream.
@@ -76,6 +97,7 @@ COPY --from=pogly /app/pogly.wasm /app/pogly.wasm
 COPY --from=build /opt/pogly-entrypoint /opt/pogly-entrypoint
 
 ENV PATH="/opt/pogly-entrypoint/bin:${PATH}" \
+    HOME=/root \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SPACETIME_BIN=/usr/local/bin/spacetime \
@@ -93,14 +115,23 @@ ENV PATH="/opt/pogly-entrypoint/bin:${PATH}" \
 #   writes lands on the (read-only) root filesystem.
 # - index.html loads /config.js (done here, once, so a read-only root
 #   filesystem needs no write at start; the entrypoint checks it again).
-# - the mount points exist with private modes.
+# - Any uid in group 0 may run it (`--user 10001:0`, Kubernetes runAsUser with
+#   runAsGroup 0, OpenShift): HOME is /root for every uid (ENV above), /root
+#   is traversable by group 0, and the volume mount points are group-writable,
+#   so new volumes (which copy the mount point's mode) are too.  Nothing else
+#   is open to group 0 that root did not already own.
+# - No /run/pogly (POGLY_RUN_DIR) in the image: a tmpfs or emptyDir mounted
+#   there gets the runtime's default mode (1777), while podman --read-only
+#   would copy an image directory's mode through its umask (0770 -> 0750) and
+#   shut a non-root uid out.  Without a mount the entrypoint creates it.
 # (The spacetime CLI is deliberately not run here: it would write a default
 # cli.toml into /root/.spacetime, which Docker copies into a new volume.)
 RUN ln -s /opt/spacetime/spacetimedb-cli /usr/local/bin/spacetime \
-    && mkdir -p /root/.config /stdb /root/.spacetime /run/pogly \
-    && chmod 0700 /stdb /root/.spacetime \
+    && mkdir -p /root/.config /stdb /root/.spacetime \
     && ln -s /root/.spacetime /root/.config/spacetime \
-    && python -c "import pathlib, sys; from entrypoint.webconfig import ensure_index_loads_config as ensure; sys.exit(0 if ensure(pathlib.Path('/usr/share/caddy')) else 1)" \
+    && chmod 0750 /root /root/.config \
+    && chmod 0770 /stdb /root/.spacetime \
+    && pogly-entrypoint patch-index /usr/share/caddy \
     && test -x /opt/spacetime/spacetimedb-standalone \
     && test -f /app/pogly.wasm \
     && caddy version \
