@@ -58,7 +58,7 @@ run: venv node
 #   make image IMAGE_BUILD_FLAGS='--build-arg POGLY_IMAGE=ghcr.io/poglyapp/pogly:main@sha256:…'
 CONTAINER_ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
 IMAGE_FORMAT = $(if $(filter podman,$(notdir $(firstword $(CONTAINER_ENGINE)))),--format docker)
-VERSION  = $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+VERSION  = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' entrypoint/version.py)
 REVISION = $(shell git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)
 # The remote's URL without any user:token@ part (it becomes a public label).
 SOURCE   = $(shell git remote get-url origin 2>/dev/null | sed 's|//[^/@]*@|//|')

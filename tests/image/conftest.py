@@ -94,9 +94,9 @@ def built_image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _pyproject_version() -> str:
-    import tomllib
+    from entrypoint.version import __version__
 
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    return __version__
 
 
 @pytest.fixture(scope="module")
