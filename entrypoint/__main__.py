@@ -9,12 +9,14 @@ the supervisor once its event loop runs.
 
 import signal
 import sys
+import time
 
-PENDING: list[int] = []
+# (signal number, time.monotonic() when it came): the stop budget counts from the signal.
+PENDING: list[tuple[int, float]] = []
 
 
 def _early(signum: int, _frame: object) -> None:
-    PENDING.append(signum)
+    PENDING.append((signum, time.monotonic()))
 
 
 for _sig in (signal.SIGTERM, signal.SIGINT):

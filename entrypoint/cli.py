@@ -37,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="exit 0 when ready/live, 1 otherwise (Kubernetes exec probes, HEALTHCHECK)")
     pr.add_argument("which", choices=("ready", "live"))
     pr.add_argument("--timeout", type=float, default=2.0)
-    oc = sub.add_parser("oidc-check", help="(internal) one OIDC discovery check, result as JSON on stdout")
-    oc.add_argument("--timeout", type=float, help="seconds (default: OIDC_DISCOVERY_TIMEOUT)")
+    oc = sub.add_parser("oidc-check", help="(internal) one OIDC discovery check of the settings `run` hands over "
+                        "as JSON, result as JSON on stdout")
+    oc.add_argument("--settings", default="-", metavar="FILE",
+                    help="the settings as Settings.to_json() wrote them; - (default): read them from stdin")
+    oc.add_argument("--timeout", type=float, help="seconds (default: the settings' OIDC_DISCOVERY_TIMEOUT)")
     ident = sub.add_parser("identity", help="print the SpacetimeDB identity an OIDC subject will have")
     ident.add_argument("--sub", required=True, help="the 'sub' claim")
     ident.add_argument("--issuer", help="the 'iss' claim (default: OIDC_ISSUER)")
@@ -57,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str], pending: list[int] | None = None) -> int:
+def main(argv: list[str], pending: list[tuple[int, float]] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if command != "run":
@@ -66,7 +69,7 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if pending:
-            return 128 + pending[0]
+            return 128 + pending[0][0]
     try:
         if command == "run":
             return cmd_run(pending if pending is not None else [])
@@ -83,7 +86,7 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
         if command == "identity":
             return cmd_identity(args.sub, args.issuer)
         if command == "oidc-check":
-            return cmd_oidc_check(args.timeout)
+            return cmd_oidc_check(args.settings, args.timeout)
         if command == "owner":
             return cmd_owner(args)
     except KeyboardInterrupt:
@@ -92,11 +95,15 @@ def main(argv: list[str], pending: list[int] | None = None) -> int:
 
 
 def _settings_or_exit() -> Any:
-    from entrypoint import config, logs
+    from entrypoint import config
 
     try:
         return config.load()
     except config.ConfigError as exc:
+        # Only here: logs imports structlog and, through it, asyncio (~70 ms), which the
+        # start path must not wait for (SpacetimeDB is spawned next; tests/test_startup.py).
+        from entrypoint import logs
+
         fmt = os.environ.get("LOG_FORMAT", "auto").strip().lower()
         logs.configure(fmt if fmt in config.LOG_FORMATS else "auto")
         logs.get().error("config.invalid", message=str(exc), exit_code=EXIT_CONFIG,
@@ -104,54 +111,12 @@ def _settings_or_exit() -> Any:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def cmd_run(pending: list[int]) -> int:
+def cmd_run(pending: list[tuple[int, float]]) -> int:
+    """The container's ``ENTRYPOINT``: the whole order of things is ``entrypoint/startup.py``."""
     settings = _settings_or_exit()
-    from entrypoint.spacetimedb.server import prespawn
-    from entrypoint.supervision.spawn import become_subreaper
+    from entrypoint import startup
 
-    # Adopt orphans before the first child exists (PID 1 does so by nature).
-    reaper_role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
-
-    # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and
-    # the supervisor cost ~80 ms of imports that it need not wait for.
-    early = None if pending else prespawn(settings)
-    import asyncio
-
-    from entrypoint import logs
-
-    logs.configure(settings.log_format, settings.debug_mode)
-    return asyncio.run(_run(settings, pending, early, reaper_role))
-
-
-async def _run(settings: Any, pending: list[int], early: tuple[int, int, int, float] | None,
-               role: str) -> int:
-    import asyncio
-
-    from entrypoint import logs
-    from entrypoint.supervision.process import Reaper
-    from entrypoint.supervision.supervisor import Supervisor
-
-    log = logs.get()
-    log.info("entrypoint.start", version=__version__, pid=os.getpid(), reaper=role,
-             issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
-    if role == "none":
-        log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
-                    "orphans of our children will not be reaped by us")
-    loop = asyncio.get_running_loop()
-    reaper = Reaper(expected=(early[0],) if early else ())
-    reaper.install(loop)
-    supervisor = Supervisor(settings, reaper, early_spacetime=early)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, supervisor.request_stop, sig)
-    for sig in pending:  # caught by __main__ before the loop existed
-        supervisor.request_stop(sig)
-    pending.clear()
-    code = await supervisor.run()
-    # Every child is gone and every file was written atomically: skip the
-    # interpreter's teardown (~150 ms of module finalisation) and exit now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    startup.run(settings, pending)
 
 
 def cmd_check() -> int:
@@ -169,6 +134,7 @@ async def _check(settings: Any) -> int:
     import asyncio
 
     from entrypoint.oidc import check as oidc
+    from entrypoint.oidc.errors import OidcConfigError, OidcUnavailable
     from entrypoint.supervision.process import Reaper, run_capture
     from entrypoint.web import caddy, webapp
     from entrypoint.web import config_js as webconfig
@@ -195,6 +161,10 @@ async def _check(settings: Any) -> int:
             except caddy.CaddyConfigError as exc:
                 print(f"Caddyfile: INVALID\n{exc}")
                 code = EXIT_CONFIG
+            except TimeoutError:
+                print(f"Caddyfile: NOT CHECKED: `caddy validate` did not finish within {caddy.VALIDATE_TIMEOUT:g} s "
+                      f"(CADDY_BIN={settings.caddy_bin}); check that binary by hand")
+                code = EXIT_UNAVAILABLE
         build = webapp.detect(settings.web_root)
         print(f"Web build: {build.verdict} ({build.reason})")
         problem = webapp.problem(settings, build)
@@ -209,15 +179,18 @@ async def _check(settings: Any) -> int:
         print("Redirect URIs to register at the provider:")
         for uri in oidc.redirect_uris(settings):
             print(f"  {uri}")
+        note = oidc.redirect_uris_note(settings)
+        if note:
+            print(f"  note: {note}")
         try:
             report = await oidc.check_provider(settings)
             print(f"OIDC provider: verified ({report.issuer})")
             for note in report.notes:
                 print(f"  note: {note}")
-        except oidc.OidcConfigError as exc:
+        except OidcConfigError as exc:
             print(f"OIDC provider: INVALID\n{exc}")
             code = code or EXIT_CONFIG
-        except oidc.OidcUnavailable as exc:
+        except OidcUnavailable as exc:
             print(f"OIDC provider: UNREACHABLE\n{exc}")
             code = code or EXIT_UNAVAILABLE
     finally:
@@ -255,14 +228,15 @@ def cmd_patch_index(web_root: str) -> int:
 
 
 def _health_addr() -> Any:
-    from entrypoint.config import parse_host_port
+    """``POGLY_HEALTH_ADDR`` alone, through its row of the configuration table: these commands run beside
+    the supervisor, so the rest of the environment may be incomplete (``kubectl exec`` shells, probes)."""
+    from entrypoint import config
 
-    raw = os.environ.get("POGLY_HEALTH_ADDR", "127.0.0.1:8079").strip()
-    addr = parse_host_port(raw)
-    if addr is None:
-        print(f"POGLY_HEALTH_ADDR={raw!r} is not host:port", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
-    return addr
+    try:
+        return config.read("POGLY_HEALTH_ADDR")
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def cmd_probe(which: str, timeout: float) -> int:
@@ -313,20 +287,38 @@ def format_status(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_oidc_check(timeout: float | None) -> int:
-    """One discovery check in a process of its own (see supervisor._oidc for why).
+def cmd_oidc_check(source: str, timeout: float | None) -> int:
+    """One discovery check in a process of its own (see ``entrypoint/oidc/verdict.py`` for why).
 
-    Progress events go to stderr as JSON lines, which the supervisor relays into
-    its own log; the verdict is one JSON object on stdout; the exit code is 0,
-    78 (the provider's answer is wrong) or 69 (no usable answer in time).
+    The settings come as JSON (``Settings.to_json()``) in the file ``source``
+    or on stdin (``-``), so the helper checks exactly what the supervisor
+    resolved instead of re-reading the environment.  Progress events go to
+    stderr as JSON lines, which the supervisor relays into its own log; the
+    verdict is one JSON object on stdout; the exit code is 0, 78 (the
+    provider's answer is wrong), 69 (no usable answer in time) or 70 (no
+    settings were handed over: a bug, or a person who wanted ``check``).
     """
     import asyncio
-
-    settings = _settings_or_exit()
     from dataclasses import replace
+    from pathlib import Path
 
     from entrypoint import logs
+    from entrypoint.config import Settings
+
+    try:
+        if source == "-" and sys.stdin.isatty():  # a person at a terminal: say what to do instead of waiting
+            raise ValueError("stdin is a terminal")
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        settings = Settings.from_json(json.loads(text))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        where = "stdin" if source == "-" else source
+        print(json.dumps({"ok": False, "reason": "bad_input",
+                          "message": f"oidc-check reads the settings as JSON from {where} ({exc}); it is run by "
+                                     "`pogly-entrypoint run`: use `pogly-entrypoint check` to check the provider "
+                                     "by hand"}))
+        return EXIT_SOFTWARE
     from entrypoint.oidc import check as oidc
+    from entrypoint.oidc.errors import OidcError
 
     logs.configure("json", settings.debug_mode, stream=sys.stderr)
     if not settings.oidc_enabled:  # OIDC off: the supervisor never asks; answer plainly if a person does
@@ -337,7 +329,7 @@ def cmd_oidc_check(timeout: float | None) -> int:
         settings = replace(settings, oidc_discovery_timeout=timeout)
     try:
         report = asyncio.run(oidc.check_provider(settings))
-    except oidc.OidcError as exc:
+    except OidcError as exc:
         print(json.dumps({"ok": False, "reason": exc.reason, "message": str(exc)}))
         return exc.exit_code
     print(json.dumps({"ok": True, "report": report.to_json()}))
@@ -345,9 +337,15 @@ def cmd_oidc_check(timeout: float | None) -> int:
 
 
 def cmd_identity(sub: str, issuer: str | None) -> int:
+    from entrypoint import config
     from entrypoint.spacetimedb.identity import from_claims
 
-    issuer = issuer or os.environ.get("OIDC_ISSUER", "").strip()
+    if not issuer:
+        try:
+            issuer = config.read("OIDC_ISSUER")
+        except config.ConfigError as exc:
+            print(f"{exc}\ngive --issuer or fix OIDC_ISSUER", file=sys.stderr)
+            return EXIT_CONFIG
     if not issuer:
         print("give --issuer or set OIDC_ISSUER (it is empty or unset: with OIDC off there is no default "
               "issuer)", file=sys.stderr)

@@ -7,7 +7,6 @@ internal error.  A crashed child's own code (or 128+signal) is passed through.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_CONFIG = 78

@@ -196,7 +196,7 @@ class CaddyChild:
                     if record is None:
                         rc = await proc.wait()
                         raise RuntimeError(f"caddy exited with {rc} before serving: {child.lines}")
-                    if caddy.is_ready_line(record):
+                    if isinstance(record, dict) and record.get("msg") == caddy.READY_MSG:
                         break
         except BaseException:
             await child.stop()

@@ -12,7 +12,3 @@ from tests.harness import base_env
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return base_env(tmp_path)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "pid1: runs the entrypoint as PID 1 under unshare (needs root)")

@@ -16,12 +16,17 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from entrypoint.config import HostPort
-from entrypoint.spacetimedb.server import parse_listening_addr
+from entrypoint.config import HostPort, parse_host_port
+from entrypoint.spacetimedb.server import is_listening_line
 
 STANDIN = Path(__file__).parent / "standin" / "bin" / "spacetime"
 START_DEADLINE = 30.0
 STOP_TIMEOUT = 15.0
+
+
+def listening_addr(line: str) -> HostPort | None:
+    """The address from SpacetimeDB's listening line: the real port when the stand-in was started on port 0."""
+    return parse_host_port(line.rsplit(" ", 1)[-1]) if is_listening_line(line) else None
 
 
 class StandIn:
@@ -74,7 +79,7 @@ class StandIn:
             with self._changed:
                 self.lines.append(line)
                 if self._addr is None:
-                    self._addr = parse_listening_addr(line)
+                    self._addr = listening_addr(line)
                 self._changed.notify_all()
         with self._changed:
             self._eof = True

@@ -559,13 +559,6 @@ def test_environment_and_run_command(tmp_path: Path) -> None:
                                                  "--adapter", "caddyfile"]
 
 
-def test_is_ready_line() -> None:
-    assert caddy.is_ready_line({"level": "info", "msg": "serving initial configuration"})
-    assert not caddy.is_ready_line({"level": "info", "msg": "server running"})
-    assert not caddy.is_ready_line("serving initial configuration")
-    assert not caddy.is_ready_line(None)
-
-
 # -- the public port, through a real Caddy -------------------------------------------------
 
 

@@ -267,19 +267,29 @@ def test_idle_keep_alive_connection_is_closed() -> None:
 
 
 def test_connection_cap() -> None:
+    # Past max_connections a connection is still answered once (then closed): a probe is never
+    # refused because others hold connections.  Only past max_connections + max_overflow: 503.
     async def scenario(server: HealthServer, status: Status) -> None:
         conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
         # Make sure both are accepted and being served before the third arrives.
         for reader, writer in conns:
             writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await read_response(reader))[0] == 200
-        # The third gets a 503 and is closed (read before sending, so no reset races it).
+        third_reader, third = await asyncio.open_connection("127.0.0.1", server.port)
+        # The fourth gets a 503 and is closed (read before sending, so no reset races it).
         data = await exchange(server.port, b"")
         assert data.startswith(b"HTTP/1.1 503") and data.endswith(b'{"error":"too many connections"}')
+        third.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        code, headers, body = await read_response(third_reader)
+        assert code == 200 and headers["connection"] == "close" and json.loads(body) == {"status": "ready"}
+        async with asyncio.timeout(5):
+            assert await third_reader.read(1) == b""  # one request only, then closed
+        assert server.overflow_served == 1
+        third.close()
         for _, writer in conns:
             writer.close()
 
-    serve(scenario, max_connections=2)
+    serve(scenario, max_connections=2, max_overflow=1)
 
 
 def test_close_stops_listening_and_drops_connections() -> None:

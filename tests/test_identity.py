@@ -65,9 +65,3 @@ def test_normalize_hex_accepts_every_spelling(spelling: str) -> None:
 def test_normalize_hex_rejects_non_identities(bad: str) -> None:
     with pytest.raises(ValueError):
         identity.normalize_hex(bad)
-
-
-def test_short() -> None:
-    assert identity.short(VECTOR_ID) == "c2001574a028244c"
-    assert identity.short("0x" + VECTOR_ID.upper()) == "c2001574a028244c"
-    assert identity.short("not-an-identity-at-all") == "not-an-identity-"

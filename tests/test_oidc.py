@@ -16,17 +16,11 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from entrypoint.config import Settings
-from entrypoint.oidc.check import (
-    EXIT_UNAVAILABLE,
-    OidcConfigError,
-    OidcUnavailable,
-    ProviderReport,
-    check_provider,
-    describe_issuer_difference,
-    redirect_uris,
-    redirect_uris_note,
-    transport_problem,
-)
+from entrypoint.errors import EXIT_UNAVAILABLE
+from entrypoint.oidc import fetch
+from entrypoint.oidc.check import ProviderReport, check_provider, redirect_uris, redirect_uris_note
+from entrypoint.oidc.errors import OidcConfigError, OidcUnavailable
+from entrypoint.oidc.rules import describe_issuer_difference, transport_problem
 from tests.oidc.canned import (
     REQUIRED_FIELDS,
     CannedServer,
@@ -478,9 +472,6 @@ def test_logs_only_issuer_and_client_id_from_the_environment(canned: CannedServe
         assert "secretstream" not in text and "owner-sub" not in text and "overlay.example" not in text
 
 
-# --------------------------------------------------------------------------- background re-check
-
-
 # --------------------------------------------------------------------------- redirect URIs
 
 
@@ -498,3 +489,39 @@ def test_redirect_uris_without_public_url() -> None:
     settings = settings_for("https://x")
     assert redirect_uris(settings) == ["/callback", "/", "/silent-oidc-renew.html"]
     assert "POGLY_PUBLIC_URL" in (redirect_uris_note(settings) or "")
+
+
+# --------------------------------------------------------------------------- fetch.retrying
+
+
+def test_retrying_draws_pauses_from_the_one_backoff_until_the_deadline() -> None:
+    clock = FakeClock()
+    retries: list[tuple[int, float]] = []
+
+    async def always_503(attempt: int) -> None:
+        raise fetch.Transient(f"HTTP 503 #{attempt}", retry_after=4.0 if attempt == 3 else None)
+
+    with pytest.raises(fetch.Exhausted) as caught:
+        asyncio.run(fetch.retrying(always_503, deadline=clock.now + 12.0, clock=clock, sleep=clock.sleep,
+                                   on_retry=lambda n, exc, pause: retries.append((n, pause))))
+    pauses = [pause for _, pause in retries]
+    assert [n for n, _ in retries] == list(range(1, len(retries) + 1)) and len(retries) >= 4
+    assert 0.5 <= pauses[0] <= 0.75 and 1.0 <= pauses[1] <= 1.5  # delays(0.5, 10, jitter=0.5)
+    assert pauses[2] >= 4.0  # Retry-After wins over a shorter pause
+    # The pauses fill the time to the deadline, the last one cut to leave the final attempt its moment.
+    assert clock.sleeps == pauses and sum(pauses) == pytest.approx(12.0 - fetch.MIN_ATTEMPT_S)
+    attempts = len(retries) + 1
+    assert caught.value.attempts == attempts and str(caught.value.last) == f"HTTP 503 #{attempts}"
+
+
+def test_retrying_stops_at_a_permanent_failure() -> None:
+    calls: list[int] = []
+
+    async def wrong(attempt: int) -> None:
+        calls.append(attempt)
+        raise OidcConfigError("nope", reason="http_status")
+
+    with pytest.raises(OidcConfigError):
+        asyncio.run(fetch.retrying(wrong, deadline=time.monotonic() + 60, clock=time.monotonic,
+                                   sleep=_no_wait, on_retry=lambda *_: None))
+    assert calls == [1]

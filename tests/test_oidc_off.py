@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from entrypoint import config
 from entrypoint.web.config_js import GLOBAL_NAME, KEY_OIDC_CLIENT_ID, KEY_OIDC_ISSUER
 from tests.harness import Running, base_env
 
@@ -74,11 +75,22 @@ def test_oidc_off_end_to_end(tmp_path: Path) -> None:
 
 
 def test_oidc_check_helper_has_nothing_to_check(tmp_path: Path) -> None:
-    env = base_env(tmp_path, OIDC_ISSUER="", OIDC_CLIENT_ID="")
+    # The helper checks the settings it is handed on stdin, not the environment: here the environment
+    # names an unreachable provider, the settings say OIDC off.
+    env = base_env(tmp_path)
+    settings = config.load(base_env(tmp_path, OIDC_ISSUER="", OIDC_CLIENT_ID=""))
     out = subprocess.run([sys.executable, "-m", "entrypoint", "oidc-check"], env=env, capture_output=True,
-                         timeout=30)
-    assert out.returncode == 0
+                         input=json.dumps(settings.to_json()).encode(), timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["disabled"] is True
+
+
+def test_oidc_check_helper_without_settings_says_so(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "entrypoint", "oidc-check"], env=base_env(tmp_path),
+                         capture_output=True, input=b'{"oidc_issuer": "https://auth.example.com/"}', timeout=30)
+    answer = json.loads(out.stdout)
+    assert out.returncode == 70 and answer["ok"] is False and answer["reason"] == "bad_input"
+    assert "stdin" in answer["message"] and "missing" in answer["message"]
 
 
 def test_strict_mode_refuses_oidc_off_before_starting_anything(tmp_path: Path) -> None:

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.harness import Running, base_env, free_port
 from tests.oidc.fixtures import node_provider
 
 
+@pytest.mark.pid1
 def test_verified_provider_is_reported_in_status(tmp_path: Path) -> None:
     with node_provider("--shape", "keycloak") as provider:
         env = base_env(tmp_path, OIDC_ISSUER=provider.issuer)
@@ -28,6 +30,7 @@ def test_verified_provider_is_reported_in_status(tmp_path: Path) -> None:
             run.stop()
 
 
+@pytest.mark.pid1
 def test_issuer_off_by_a_trailing_slash_exits_78_before_ready(tmp_path: Path) -> None:
     with node_provider("--shape", "authentik") as provider:
         assert provider.issuer.endswith("/")
@@ -44,6 +47,7 @@ def test_issuer_off_by_a_trailing_slash_exits_78_before_ready(tmp_path: Path) ->
     assert not stopped["spacetimedb"]["killed"]
 
 
+@pytest.mark.pid1
 def test_unreachable_provider_under_strict_mode_exits_69(tmp_path: Path) -> None:
     env = base_env(tmp_path, OIDC_ISSUER=f"https://127.0.0.1:{free_port()}/realms/pogly", STRICT_MODE="true")
     with Running(env, pid1=True) as run:
@@ -52,6 +56,7 @@ def test_unreachable_provider_under_strict_mode_exits_69(tmp_path: Path) -> None
     assert not run.find(lambda e: e.get("event") == "entrypoint.ready")
 
 
+@pytest.mark.pid1
 def test_unreachable_provider_keeps_serving_then_verifies_when_it_appears(tmp_path: Path) -> None:
     port = free_port()
     env = base_env(tmp_path, OIDC_ISSUER=f"http://127.0.0.1:{port}/realms/pogly")
@@ -80,6 +85,13 @@ def test_check_and_render_commands(tmp_path: Path) -> None:
         assert "Caddyfile: valid" in out and "OIDC provider: verified" in out
         assert "https://overlay.example.com/callback" in out
         assert "https://overlay.example.com/silent-oidc-renew.html" in out
+        assert "note: POGLY_PUBLIC_URL is not set" not in out
+        del env["POGLY_PUBLIC_URL"]
+        paths_only = subprocess.run([sys.executable, "-m", "entrypoint", "check"], env=env, capture_output=True,
+                                    timeout=60)
+        assert paths_only.returncode == 0, paths_only.stdout + paths_only.stderr
+        assert b"\n  /callback\n" in paths_only.stdout
+        assert b"note: POGLY_PUBLIC_URL is not set, so these are paths only" in paths_only.stdout
         env["OIDC_ISSUER"] = provider.issuer.rstrip("/")
         bad = subprocess.run([sys.executable, "-m", "entrypoint", "check"], env=env, capture_output=True, timeout=60)
         assert bad.returncode == 78 and b"trailing slash" in bad.stdout

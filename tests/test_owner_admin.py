@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from entrypoint.config import Settings
-from entrypoint.spacetimedb.credentials import Publisher, cli_document, dump_toml
+from entrypoint.spacetimedb.credentials import Publisher, cli_document, write_cli_toml
 from entrypoint.spacetimedb.identity import from_claims
 from entrypoint.spacetimedb.ownership import Watcher
 from entrypoint.spacetimedb.sql import parse_sql_result, sql
@@ -102,7 +102,7 @@ def world(tmp_path: Path) -> Iterator[World]:
             created = client.post("/v1/identity").json()
         publisher = Publisher(created["identity"], created["token"])
         # What the supervisor leaves on the config volume: the official CLI's cli.toml.
-        (tmp_path / "config" / "cli.toml").write_text(dump_toml(cli_document({}, publisher.token, addr)))
+        write_cli_toml(tmp_path / "config" / "cli.toml", cli_document({}, publisher.token, addr))
         env = base_env(tmp_path, OIDC_ISSUER=ISSUER, POGLY_SPACETIME_ADDR=str(addr))
         holder = World(tmp_path, standin, publisher, env)
         holder.publish("pogly", POGLY_WASM)
@@ -328,7 +328,7 @@ def test_a_refused_change_is_logged_and_its_intent_misleads_nobody(world: World,
         stranger = client.post("/v1/identity").json()
     config = tmp_path / "stranger-config"
     config.mkdir()
-    (config / "cli.toml").write_text(dump_toml(cli_document({}, stranger["token"], world.standin.addr)))
+    write_cli_toml(config / "cli.toml", cli_document({}, stranger["token"], world.standin.addr))
     before = world.db_owner()
     refused = world.owner("set", "--identity", SOMEONE, POGLY_CONFIG_DIR=str(config))
     assert refused.returncode == 78, refused.stdout + refused.stderr

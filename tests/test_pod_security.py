@@ -1,19 +1,23 @@
-"""The example overlay meets the "restricted" Pod Security Standard; the base meets "baseline".
+"""Every overlay meets the "restricted" Pod Security Standard; the base meets "baseline".
 
 No cluster here, so the Pod Security Standards' rules for the fields our
-manifests can set are checked directly on the built manifests (the overlay
-built by tests/test_deploy.py's kustomize_build), from
+manifests can set are checked directly on the built manifests (every overlay,
+with and without its NetworkPolicy, and the Flux one after substitution, built
+with the real kustomize by tests/test_deploy.py's ``build_variant``), from
 https://kubernetes.io/docs/concepts/security/pod-security-standards/ (policy
-version "latest", Kubernetes 1.30 and later).  The overlay runs as the uid and
-group the image test runs the image as (tests/image: ``--user 10001:0``).
+version "latest", Kubernetes 1.30 and later).  The overlays run as the uid and
+group the image test runs the image as (tests/image: ``--user 10001:0``): the
+``restricted`` component.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.image.containers import NON_ROOT_GID, NON_ROOT_UID
-from tests.test_deploy import BASE, OVERLAY, kustomize_build, one, pod_spec
+from tests.test_deploy import OVERLAY_VARIANTS, build_variant, one, pod_spec
 
 BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
                          "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
@@ -92,8 +96,9 @@ def restricted_violations(pod: dict[str, Any]) -> list[str]:
     return out
 
 
-def test_the_overlay_meets_restricted_and_its_namespace_enforces_it() -> None:
-    built = kustomize_build(OVERLAY)
+@pytest.mark.parametrize("name", OVERLAY_VARIANTS)
+def test_the_overlay_meets_restricted_and_its_namespace_enforces_it(name: str) -> None:
+    built = build_variant(name)
     pod = pod_spec(one(built, "Deployment"))
     assert restricted_violations(pod) == []
     labels = one(built, "Namespace")["metadata"]["labels"]
@@ -106,7 +111,7 @@ def test_the_overlay_meets_restricted_and_its_namespace_enforces_it() -> None:
 
 
 def test_the_base_meets_baseline_and_the_checks_can_fail() -> None:
-    pod = pod_spec(one(kustomize_build(BASE), "Deployment"))
+    pod = pod_spec(one(build_variant("base"), "Deployment"))
     assert baseline_violations(pod) == []
     assert "pogly: runAsNonRoot is not true" in restricted_violations(pod)
     pod["containers"][0]["securityContext"]["capabilities"]["add"].append("SYS_ADMIN")

@@ -164,7 +164,7 @@ def test_spawn_failure_raises_oserror() -> None:
 
 
 def test_child_spawned_before_the_loop_keeps_its_exit_status() -> None:
-    """spacetime.prespawn: the child may even be dead before the reaper exists."""
+    """spacetimedb.server.prespawn: the child may even be dead before the reaper exists."""
     from entrypoint.supervision.spawn import spawn
 
     pid, out_fd, err_fd = spawn(["/bin/sh", "-c", "echo early; exit 5"], dict(os.environ))

@@ -65,6 +65,7 @@ def test_readyz_follows_the_children_and_livez_stays_up_during_a_restart(tmp_pat
         run.stop()
 
 
+@pytest.mark.pid1
 def test_readyz_503_while_spacetimedb_is_not_ready(tmp_path: Path) -> None:
     stuck = tmp_path / "spacetime"
     stuck.write_text("#!/bin/sh\ntrap 'exit 0' INT\nwhile :; do sleep 0.05; done\n")
@@ -81,6 +82,7 @@ def test_readyz_503_while_spacetimedb_is_not_ready(tmp_path: Path) -> None:
         run.stop()
 
 
+@pytest.mark.pid1
 def test_readyz_turns_503_as_soon_as_shutdown_begins(tmp_path: Path) -> None:
     slow_caddy = tmp_path / "caddy"
     slow_caddy.write_text("""#!/bin/sh
@@ -102,6 +104,7 @@ while :; do sleep 0.05; done
         assert run.wait() == 0
 
 
+@pytest.mark.pid1
 def test_probe_command_reports_ready_and_live(tmp_path: Path) -> None:
     env = base_env(tmp_path)
 

@@ -35,10 +35,11 @@ from entrypoint.spacetimedb.api import Backoff, NotOwner, parse_ownership_error
 from entrypoint.spacetimedb.credentials import (
     Publisher,
     cli_document,
-    dump_toml,
     ensure_identity,
     link_cli_config,
+    read_cli_toml,
     token_identity,
+    write_cli_toml,
 )
 from entrypoint.spacetimedb.identity import from_claims
 from entrypoint.spacetimedb.module_logs import follow_module_logs, module_log_event
@@ -49,7 +50,6 @@ from entrypoint.spacetimedb.sql import (
     sql,
     sql_bool,
     sql_identity,
-    sql_literal,
     sql_string,
 )
 from entrypoint.spacetimedb.statefile import load_state, module_state, update_module_state
@@ -134,8 +134,8 @@ def test_listening_line() -> None:
     line = "2026-01-01T00:00:00Z  INFO crates/standalone/src/subcommands/start.rs:194: " \
            "Starting SpacetimeDB listening on 127.0.0.1:40123"
     assert spacetime.is_listening_line(line)
-    assert spacetime.parse_listening_addr(line) == HostPort("127.0.0.1", 40123)
-    assert spacetime.parse_listening_addr("Starting SpacetimeDB listening on [::1]:3000") == HostPort("::1", 3000)
+    assert stdbhelp.listening_addr(line) == HostPort("127.0.0.1", 40123)
+    assert stdbhelp.listening_addr("Starting SpacetimeDB listening on [::1]:3000") == HostPort("::1", 3000)
     assert not spacetime.is_listening_line("PG: Starting SpacetimeDB Protocol listening on 127.0.0.1:5432")
     assert not spacetime.is_listening_line("database running in data directory /stdb")
 
@@ -234,7 +234,7 @@ def test_token_identity() -> None:
         token_identity("not-a-jwt")
 
 
-def test_toml_roundtrip_and_cli_document() -> None:
+def test_cli_document_keeps_everything_else(tmp_path: Path) -> None:
     existing = {
         "default_server": "maincloud",
         "web_session_token": 'we"ird\\value\n',
@@ -245,7 +245,9 @@ def test_toml_roundtrip_and_cli_document() -> None:
         "extra": {"nested": True, "n": 3},
     }
     doc = cli_document(existing, "tok.en.x", HostPort("0.0.0.0", 3001))
-    parsed = tomllib.loads(dump_toml(doc))
+    path = tmp_path / "cli.toml"
+    write_cli_toml(path, doc)
+    parsed = read_cli_toml(path)
     assert parsed == doc
     assert parsed["default_server"] == "local"
     assert parsed["spacetimedb_token"] == "tok.en.x"
@@ -255,6 +257,63 @@ def test_toml_roundtrip_and_cli_document() -> None:
     assert parsed["extra"] == {"nested": True, "n": 3}
     fresh = cli_document({}, "t", HostPort("127.0.0.1", 3000))
     assert fresh["server_configs"] == [{"nickname": "local", "host": "127.0.0.1:3000", "protocol": "http"}]
+
+
+#: Every kind of value TOML has, as ``tomllib`` reads it: what an operator or a newer CLI may put in cli.toml.
+EVERYTHING_TOML = """\
+spacetimedb_token = "eyJ.x.y"
+plain = 'literal \\ string'
+multi = \"\"\"
+two lines, "quoted", tab\there\"\"\"
+unicode = "Pögly ✓ 🎥 \\u00e9"
+control = "bell\\u0007 del\\u007f"
+int = -17
+hex = 0xff
+float = 6.5e-3
+inf = inf
+yes = true
+offset = 2026-05-11T09:30:00.123+02:00
+local_datetime = 2026-05-11T09:30:00
+date = 2026-05-11
+time = 07:32:00.5
+mixed = [1, "two", [3.0, false], { inline = "table" }]
+empty_array = []
+"quoted key" = "ok"
+"ü" = "unicode key"
+
+[nested.deeper."dotted.key"]
+x = 1
+
+[empty]
+
+[[server_configs]]
+nickname = "local"
+host = "127.0.0.1:3000"
+protocol = "http"
+
+[[server_configs]]
+nickname = "maincloud"
+host = "maincloud.spacetimedb.com"
+protocol = "https"
+tags = ["a", "b"]
+
+[[server_configs.extra]]
+deep = "array of tables inside an array of tables"
+"""
+
+
+def test_cli_toml_writes_everything_tomllib_reads(tmp_path: Path) -> None:
+    doc = tomllib.loads(EVERYTHING_TOML)
+    assert doc["offset"].utcoffset() is not None and isinstance(doc["date"], type(doc["offset"].date()))
+    path = tmp_path / "config" / "cli.toml"
+    write_cli_toml(path, cli_document(doc, "tok.en.x", HostPort("127.0.0.1", 3000)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["cli.toml"]  # written through a temp file, renamed
+    again = read_cli_toml(path)
+    assert again == cli_document(doc, "tok.en.x", HostPort("127.0.0.1", 3000))
+    assert again["unicode"] == "Pögly ✓ 🎥 é" and again["time"] == doc["time"]
+    assert again["server_configs"][1]["extra"] == [{"deep": "array of tables inside an array of tables"}]
+    assert again["nested"]["deeper"]["dotted.key"] == {"x": 1} and again["empty"] == {}
 
 
 @pytest.mark.parametrize(
@@ -291,7 +350,6 @@ def test_sql_literals() -> None:
     assert sql_string("'; DROP TABLE Config; --") == "'''; DROP TABLE Config; --'"
     assert sql_string("") == "''"
     assert sql_bool(True) == "true" and sql_bool(False) == "false"
-    assert sql_literal(True) == "true" and sql_literal(7) == "7"
     assert sql_identity("X'" + "C2" * 32 + "'") == "0x" + "c2" * 32
     with pytest.raises(ValueError):
         sql_string("a\x00b")
@@ -535,7 +593,7 @@ def test_rejected_token_is_fatal_78_and_touches_nothing(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     token, ident = fake_token()  # not known to the server: as if the keys were replaced
     cli = settings.config_dir / "cli.toml"
-    cli.write_text(dump_toml(cli_document({}, token, settings.spacetime_addr)))
+    write_cli_toml(cli, cli_document({}, token, settings.spacetime_addr))
     (settings.config_dir / "id_ecdsa").write_text("new private key")
     (settings.config_dir / "id_ecdsa.pub").write_text("new public key")
     mock.add_db("pogly", ident)
@@ -805,16 +863,39 @@ def test_first_boot_config_never_overrides_initialised_row(tmp_path: Path) -> No
     assert not [s for s in mock.sql_log if s.startswith("UPDATE")]
 
 
-def test_state_without_flag_never_applies_config(tmp_path: Path) -> None:
-    """A database we only updated (state lost earlier) is not ours to configure."""
+def test_lost_state_first_boot_config_is_derived_from_the_database(tmp_path: Path) -> None:
+    """No state file (its write after the creation was lost): the database's ConfigInit decides.
+
+    Replaces ``test_state_without_flag_never_applies_config``, which encoded issue 13's fault 3: a
+    database whose state write was lost stayed with onboarding open, so the first stranger to call
+    Pogly's ``SetConfig`` became its owner.
+    """
     mock = MockStdb()
     settings = make_settings(tmp_path)
     pub = Publisher(*reversed(mock.issue()))
     mock.add_db("pogly", pub.identity, b"old")
-    _publish(mock, settings, pub)  # no state: update
-    _publish(mock, settings, pub)  # unchanged
+    with capture_logs() as logs:
+        _publish(mock, settings, pub)  # no state: update, and the database says onboarding is open
+    assert mock.dbs["pogly"]["config"]["ConfigInit"] is True
+    assert mock.dbs["pogly"]["config"]["StreamName"] == "o_reilly"
+    repaired = [e for e in logs if e["event"] == "config.first_boot_applied"]
+    assert repaired and repaired[0]["repaired"] is True and repaired[0]["log_level"] == "warning"
+    assert module_state(settings.config_dir, "pogly")["first_boot_config_applied"] is True
+    mock.sql_log.clear()
+    _publish(mock, settings, pub)  # unchanged, and recorded as done for this database: no query
     assert mock.sql_log == []
-    assert mock.dbs["pogly"]["config"]["ConfigInit"] is False
+
+
+def test_lost_state_never_touches_an_initialised_config(tmp_path: Path) -> None:
+    mock = MockStdb()
+    settings = make_settings(tmp_path)
+    pub = Publisher(*reversed(mock.issue()))
+    mock.add_db("pogly", pub.identity, b"old")
+    mock.dbs["pogly"]["config"].update(ConfigInit=True, StreamName="onboarded")
+    _publish(mock, settings, pub)
+    assert mock.dbs["pogly"]["config"]["StreamName"] == "onboarded"
+    assert not [s for s in mock.sql_log if s.startswith("UPDATE")]
+    assert module_state(settings.config_dir, "pogly")["first_boot_config"] == "already-initialised"
 
 
 def test_corrupt_state_file_is_kept_aside(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 Shared by everything that runs once the server answers ``/v1/ping``
 (identity, publish, SQL, module logs).  Each takes an injected
 ``httpx.AsyncClient`` (``base_url`` = ``settings.spacetime_addr.url``) so tests
-can drive it with a mock transport or the stand-in; httpx and tenacity are
-imported lazily, inside the calls, so importing this module stays cheap.
+can drive it with a mock transport or the stand-in; httpx is imported lazily,
+inside the calls, so importing this module stays cheap.  Retries draw their
+pauses from the one backoff, ``supervision.restart.delays``.
 
 Also here, because more than one caller must recognise it: "you do not own
 this database" in every shape SpacetimeDB has used (a 1.7 publish refusal is
@@ -14,13 +15,17 @@ according to the database-info route.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_UNAVAILABLE, Fatal
+from entrypoint.supervision.restart import delays
 
 if TYPE_CHECKING:
     import httpx
@@ -60,15 +65,13 @@ class Backoff:
     maximum: float = 5.0
     deadline: float = 60.0
 
+    def pauses(self) -> Iterator[float]:
+        """The pauses between attempts, from the one backoff."""
+        return delays(self.initial, self.maximum)
+
 
 DEFAULT_BACKOFF = Backoff()
 LOG_BACKOFF = Backoff(initial=0.2, maximum=10.0, deadline=float("inf"))
-
-
-class _RetryableStatus(Exception):
-    def __init__(self, response: httpx.Response) -> None:
-        super().__init__(f"HTTP {response.status_code}: {body_text(response)}")
-        self.response = response
 
 
 def body_text(response: httpx.Response, limit: int = 2000) -> str:
@@ -100,43 +103,35 @@ async def request_with_retry(
     """One HTTP call, retried on connection errors and transient 5xx with capped backoff.
 
     Returns the first non-retryable response (success or a definite error);
-    raises ``SpacetimeUnavailable`` once ``backoff.deadline`` has passed.
+    raises ``SpacetimeUnavailable`` once an attempt fails after
+    ``backoff.deadline`` has passed.
     """
     import httpx
-    import tenacity
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("spacetime.retrying", what=what, attempt=state.attempt_number,
-                    error=describe_error(exc), next_in_s=round(state.upcoming_sleep, 2))
-
-    retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type((httpx.TransportError, _RetryableStatus)),
-        wait=tenacity.wait_exponential(multiplier=backoff.initial, min=backoff.initial, max=backoff.maximum),
-        stop=tenacity.stop_after_delay(backoff.deadline),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                response = await client.request(
-                    method, url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT), **kwargs
-                )
-                if _retryable(response):
-                    raise _RetryableStatus(response)
+    started = time.monotonic()
+    pauses = backoff.pauses()
+    for attempt in itertools.count(1):
+        try:
+            response = await client.request(
+                method, url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT), **kwargs
+            )
+        except httpx.TransportError as exc:
+            failure, status, text = describe_error(exc), None, ""
+        else:
+            if not _retryable(response):
                 return response
-    except _RetryableStatus as exc:
-        raise SpacetimeUnavailable(
-            f"{what}: SpacetimeDB kept failing for {backoff.deadline:g} s: {exc}",
-            exc.response.status_code, body_text(exc.response),
-        ) from None
-    except httpx.TransportError as exc:
-        raise SpacetimeUnavailable(
-            f"{what}: SpacetimeDB at {client.base_url} unreachable for {backoff.deadline:g} s: "
-            f"{describe_error(exc)}"
-        ) from None
-    raise AssertionError("unreachable")  # pragma: no cover - tenacity either returns or raises
+            failure, status, text = f"HTTP {response.status_code}", response.status_code, body_text(response)
+        if time.monotonic() - started >= backoff.deadline:
+            if status is None:
+                raise SpacetimeUnavailable(f"{what}: SpacetimeDB at {client.base_url} unreachable for "
+                                           f"{backoff.deadline:g} s: {failure}")
+            raise SpacetimeUnavailable(f"{what}: SpacetimeDB kept failing for {backoff.deadline:g} s: "
+                                       f"{failure}: {text}", status, text)
+        pause = next(pauses)
+        log.warning("spacetime.retrying", what=what, attempt=attempt, error=f"{failure} {text}".strip(),
+                    next_in_s=round(pause, 2))
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover: count() never ends
 
 
 def describe_error(exc: BaseException | None) -> str:

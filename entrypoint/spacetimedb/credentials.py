@@ -21,7 +21,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -94,70 +93,6 @@ def token_sub(token: str) -> str | None:
     return sub if isinstance(sub, str) else None
 
 
-def _toml_string(value: str) -> str:
-    out = ['"']
-    for char in value:
-        if char == '"':
-            out.append('\\"')
-        elif char == "\\":
-            out.append("\\\\")
-        elif char == "\n":
-            out.append("\\n")
-        elif char == "\t":
-            out.append("\\t")
-        elif char == "\r":
-            out.append("\\r")
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dump_toml(doc: Mapping[str, Any]) -> str:
-    """Serialise the subset of TOML ``cli.toml`` uses: scalars, tables, arrays of tables.
-
-    Hand-written because the standard library only reads TOML, and the
-    CLI's file is simple enough that a dependency is not worth it.
-    """
-    lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for key, value in doc.items():
-        if isinstance(value, dict) or (
-            isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
-        ):
-            tables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in tables:
-        entries = value if isinstance(value, list) else [value]
-        header = f"[[{_toml_key(key)}]]" if isinstance(value, list) else f"[{_toml_key(key)}]"
-        for entry in entries:
-            lines.append("")
-            lines.append(header)
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items())
-    return "\n".join(lines) + "\n"
-
-
 def read_cli_toml(path: Path) -> dict[str, Any]:
     """The CLI config as a dict; ``{}`` when absent.
 
@@ -211,9 +146,21 @@ def cli_document(existing: Mapping[str, Any], token: str, addr: HostPort) -> dic
     return doc
 
 
+def write_cli_toml(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write the CLI config atomically, mode 0600 from its first byte: it holds the token.
+
+    tomli-w writes every value ``tomllib`` reads (dates, nested tables, arrays
+    of tables, any Unicode), so whatever the operator or the CLI put in the
+    file survives our rewrite.
+    """
+    import tomli_w
+
+    atomic_write(path, tomli_w.dumps(doc), SECRET_MODE)
+
+
 def _write_secret_if_changed(path: Path, doc: Mapping[str, Any], old: Mapping[str, Any]) -> None:
     if dict(doc) != dict(old) or not path.exists():
-        atomic_write(path, dump_toml(doc), SECRET_MODE)
+        write_cli_toml(path, doc)
         return
     with contextlib.suppress(OSError):
         if stat.S_IMODE(path.stat().st_mode) != SECRET_MODE:
@@ -358,6 +305,6 @@ async def ensure_identity(
 
 
 __all__ = [
-    "LOCAL_NICKNAME", "Publisher", "cli_document", "dump_toml", "ensure_identity", "link_cli_config",
-    "read_cli_toml", "token_claims", "token_identity", "token_rejected", "token_sub",
+    "LOCAL_NICKNAME", "Publisher", "cli_document", "ensure_identity", "link_cli_config",
+    "read_cli_toml", "token_claims", "token_identity", "token_rejected", "token_sub", "write_cli_toml",
 ]

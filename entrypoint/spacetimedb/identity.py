@@ -1,4 +1,4 @@
-"""SpacetimeDB identities: derive them from token claims, parse and shorten them.
+"""SpacetimeDB identities: derive them from token claims and parse their spellings.
 
 Why we compute identities ourselves: SpacetimeDB derives a caller's identity
 from the token's ``iss`` and ``sub`` only (not from the signing key), so the
@@ -55,15 +55,3 @@ def normalize_hex(value: str) -> str:
     if not _HEX64.fullmatch(text):
         raise ValueError(f"not a SpacetimeDB identity (64 hex digits): {value!r}")
     return text
-
-
-def short(value: str) -> str:
-    """The abbreviated form SpacetimeDB itself prints: the first 16 hex digits.
-
-    Accepts any spelling :func:`normalize_hex` does; text that is not an
-    identity is shortened as-is so a log line never fails because of it.
-    """
-    try:
-        return normalize_hex(value)[:16]
-    except ValueError:
-        return value.strip()[:16]

@@ -3,8 +3,8 @@
 Follows ``GET /v1/database/<name>/logs?follow=true`` (owner only) for as long
 as the container runs, so ``kubectl logs`` shows what the Pogly module says
 next to what SpacetimeDB and Caddy say.  SpacetimeDB restarts cut the stream;
-the follower reconnects with capped backoff and never takes the supervisor
-down with it.
+the follower reconnects with pauses from the one backoff (``delays()``) and
+never takes the supervisor down with it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ async def follow_module_logs(settings: Settings, client: httpx.AsyncClient, publ
 async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, backoff: Backoff) -> None:
     import httpx
 
-    delay = backoff.initial
+    pauses = backoff.pauses()
     connected_before = False
     quiet = False  # after the first failure in a row, further ones go to debug
     denied_warned = False
@@ -104,7 +104,8 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
             ) as response:
                 if response.status_code == 200:
                     log.info("module_logs.following", module=module, reconnect=connected_before)
-                    connected_before, quiet, denied_warned, delay = True, False, False, backoff.initial
+                    connected_before, quiet, denied_warned = True, False, False
+                    pauses = backoff.pauses()  # connected: the next outage starts again from the first pause
                     async for line in response.aiter_lines():
                         if line.strip():
                             emit_module_log(module, line)
@@ -124,12 +125,12 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
             problem = {"error": describe_error(exc)}
         except Exception as exc:  # never let a log follower take the supervisor down
             problem = {"error": describe_error(exc)}
+        pause = next(pauses)
         if problem is not None:
-            (log.debug if quiet else log.info)("module_logs.disconnected", module=module, retry_in_s=delay,
+            (log.debug if quiet else log.info)("module_logs.disconnected", module=module, retry_in_s=pause,
                                                **problem)
             quiet = True
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, backoff.maximum)
+        await asyncio.sleep(pause)
 
 
 __all__ = ["emit_module_log", "follow_module_logs", "module_log_event"]

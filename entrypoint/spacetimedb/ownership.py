@@ -67,6 +67,7 @@ from entrypoint import logs
 from entrypoint.spacetimedb.identity import from_claims, normalize_hex
 from entrypoint.spacetimedb.sql import SqlError, is_missing_table, sql, sql_identity
 from entrypoint.spacetimedb.statefile import module_state, update_module_state
+from entrypoint.supervision.restart import delays
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -428,7 +429,7 @@ class Watcher:
     # -- entry point -------------------------------------------------------------------------
     async def run(self) -> str:
         """Return the final outcome ("claimed", "not-pogly", "disabled", …) once there is nothing to watch."""
-        delay = self.initial
+        pauses = delays(self.initial, self.maximum)
         while True:
             try:
                 outcome = await self._step()
@@ -448,9 +449,8 @@ class Watcher:
             if outcome in (CLAIMED, DISABLED):
                 return outcome
             if outcome == "activity":
-                delay = self.initial  # someone is connecting: look again soon
-            await self.sleep(delay)
-            delay = min(delay * 2, self.maximum)
+                pauses = delays(self.initial, self.maximum)  # someone is connecting: look again soon
+            await self.sleep(next(pauses))
 
     def _transient(self, error: str) -> None:
         """Keep polling through outages; say so once, not every 2 s."""

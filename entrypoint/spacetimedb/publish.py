@@ -1,9 +1,19 @@
 """Publishing: every module's wasm onto the server, then a new database's first-boot config.
 
-Per module: read the wasm, skip it when the state file says this exact hash
-is already live in this database, make sure the database is ours, ``PUT`` it,
-record the outcome; a database we just created then gets the environment's
-stream settings in Pogly's ``Config`` row, exactly once.
+Per module: read the wasm (refused when empty or not WebAssembly), skip it when
+the state file says this exact hash is already live in this database, make
+sure the database is ours, ``PUT`` it, then make sure its first-boot config is
+applied, and record the outcome.
+
+First-boot config: the environment's stream settings go into Pogly's
+``Config`` row, which closes Pogly's onboarding (``ConfigInit``; while it is
+false, whoever calls ``SetConfig`` first becomes the owner).  Whether it is
+still needed is read from **the database**, not from the state file: a
+``Config`` row with ``ConfigInit = false`` in a database this identity owns is
+configured now, whether we created it a moment ago or a state write after its
+creation was lost (a full config volume, a crash in that window).  A row that
+is already initialised is never touched, so later owner changes survive.  The
+state file only remembers "done" for one database identity, to spare a query.
 
 Safety rules that shape the code (reference/spacetimedb.md §2-§5): never
 publish with ``clear`` and never delete anything on the volumes.  A database
@@ -24,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from entrypoint import logs
 from entrypoint.config import Settings
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
+from entrypoint.fsutil import WriteFailed
 from entrypoint.spacetimedb.api import (
     DEFAULT_BACKOFF,
     PUBLISH_TIMEOUT,
@@ -118,10 +129,13 @@ async def _database_identity(client: httpx.AsyncClient, publisher: Publisher, mo
     return identity
 
 
+WASM_MAGIC = b"\x00asm"
+
+
 def _read_wasm(settings: Settings, module: str) -> tuple[Path, bytes]:
     path = settings.module_wasm(module)
     try:
-        return path, path.read_bytes()
+        wasm = path.read_bytes()
     except OSError as exc:
         raise Fatal(
             EXIT_CONFIG,
@@ -129,6 +143,24 @@ def _read_wasm(settings: Settings, module: str) -> tuple[Path, bytes]:
             f"in POGLY_MODULE_DIR={settings.module_dir}, or point POGLY_MODULE_DIR at the directory that has it.",
             event="publish.module_missing", module=module, path=str(path),
         ) from None
+    if not wasm.startswith(WASM_MAGIC):
+        what = ("is empty (0 bytes)" if not wasm
+                else f"is not a WebAssembly module ({len(wasm)} bytes, no \\0asm header)")
+        raise Fatal(
+            EXIT_CONFIG,
+            f"module {module!r}: {path} {what}; nothing was published. A truncated copy or a failed build? "
+            f"Put the built {path.name} in POGLY_MODULE_DIR={settings.module_dir} and restart.",
+            event="publish.module_invalid", module=module, path=str(path), size=len(wasm),
+        )
+    return path, wasm
+
+
+def _record(settings: Settings, module: str, **fields: Any) -> None:
+    """Remember a module's outcome in the state file; a volume that cannot take it is exit 78, named."""
+    try:
+        update_module_state(settings.config_dir, module, **fields)
+    except WriteFailed as exc:
+        raise exc.fatal("POGLY_CONFIG_DIR", settings.config_dir) from exc
 
 
 def _success(response: httpx.Response) -> dict[str, Any] | None:
@@ -160,9 +192,9 @@ async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncCl
             info.database_identity, info.published_hash = existing, digest
             info.publish_result, info.serving = "unchanged", True
             log.info("publish.unchanged", module=module, database_identity=existing, sha256=digest)
-            if recorded.get("first_boot_config_applied") is False:
-                # created by us, but the first-boot config did not complete (crash in between)
-                await apply_first_boot_config(settings, client, publisher, module)
+            if recorded.get("first_boot_config_applied") is not True:
+                outcome = await ensure_first_boot_config(settings, client, publisher, module, created=False)
+                _record(settings, module, **_first_boot_fields(outcome))
             return
 
     log.info("publish.start", module=module, path=str(path), sha256=digest, size=len(wasm),
@@ -190,18 +222,18 @@ async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncCl
         if success is not None:
             database_identity = identity_from_json(success.get("database_identity")) or existing
             op = "created" if success.get("op") == "created" else "updated"
-            created = op == "created"
-            fields: dict[str, Any] = {"hash": digest, "database_identity": database_identity}
-            if created:
-                fields["first_boot_config_applied"] = False
-            entry = update_module_state(settings.config_dir, module, **fields)
             info.database_identity, info.published_hash = database_identity, digest
             info.publish_result, info.serving = op, True
             log.info(f"publish.{op}", module=module, database_identity=database_identity, sha256=digest)
-            if entry.get("first_boot_config_applied") is False and (
-                created or recorded.get("database_identity") == database_identity
-            ):
-                await apply_first_boot_config(settings, client, publisher, module)
+            fields: dict[str, Any] = {"hash": digest, "database_identity": database_identity}
+            # Known done for this very database: spare the query.  Otherwise the database decides
+            # (created now, or created earlier and its state write lost): before anything is recorded.
+            if not (recorded.get("first_boot_config_applied") is True
+                    and recorded.get("database_identity") == database_identity):
+                outcome = await ensure_first_boot_config(settings, client, publisher, module,
+                                                         created=op == "created")
+                fields.update(_first_boot_fields(outcome))
+            _record(settings, module, **fields)
             return
         failure = f"{response.status_code}: {text or '(no message)'}"
         code = EXIT_SOFTWARE
@@ -221,6 +253,10 @@ async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncCl
               server_message=failure,
               message=f"update of {module!r} was refused; the previously published module keeps serving. "
                       "Fix the module (or revert the image) and restart to retry.")
+    # The previous module keeps serving, so its onboarding must be closed all the same.
+    if not (recorded.get("first_boot_config_applied") is True and recorded.get("database_identity") == existing):
+        outcome = await ensure_first_boot_config(settings, client, publisher, module, created=False)
+        _record(settings, module, **_first_boot_fields(outcome))
 
 
 async def publish_all(settings: Settings, status: Status, client: httpx.AsyncClient, publisher: Publisher,
@@ -274,38 +310,44 @@ def _config_matches(row: Mapping[str, Any], settings: Settings) -> bool:
     )
 
 
-async def apply_first_boot_config(settings: Settings, client: httpx.AsyncClient, publisher: Publisher,
-                                  module: str) -> str:
-    """Apply STREAM_*/DEBUG_MODE/STRICT_MODE to a new database's Config row, exactly once.
+def _first_boot_fields(outcome: str) -> dict[str, Any]:
+    return {"first_boot_config_applied": not outcome.startswith("failed"), "first_boot_config": outcome}
+
+
+async def ensure_first_boot_config(settings: Settings, client: httpx.AsyncClient, publisher: Publisher,
+                                   module: str, *, created: bool) -> str:
+    """Apply STREAM_*/DEBUG_MODE/STRICT_MODE to the Config row if the database says onboarding is open.
 
     Why: Pogly's ``SetConfig`` reducer makes whoever calls it first the owner
-    while ``ConfigInit`` is false; setting it here closes that door.  Runs only
-    for a database we created (or whose creation we recorded but did not
-    finish configuring), and never again once recorded, so later owner changes
-    survive restarts.  A row already initialised is left alone.  Returns what
-    happened: "applied", "already-initialised", "not-pogly" or "failed: …".
+    while ``ConfigInit`` is false; setting it here closes that door.  The
+    database is the record: ``ConfigInit`` false means nobody configured it
+    (we created it just now, or earlier and the state write that followed was
+    lost), true means somebody did and the row is left alone, so later owner
+    changes survive restarts.  ``created``: we created it in this very publish
+    (only changes how the outcome is logged).  Returns "applied",
+    "already-initialised", "not-pogly" or "failed: …" (retried at the next
+    start); the caller records it.
     """
-    async def done(outcome: str) -> str:
-        update_module_state(settings.config_dir, module, first_boot_config_applied=True,
-                            first_boot_config=outcome)
-        return outcome
-
     select = "SELECT * FROM Config WHERE Version = 0"
     try:
         rows = await sql(client, publisher, module, select)
         if not rows:
             log.info("config.first_boot_skipped", module=module, reason="no Config row with Version 0")
-            return await done("not-pogly")
+            return "not-pogly"
         if rows[0].get("ConfigInit") is True:
-            log.warning("config.first_boot_skipped", module=module, reason="Config already initialised",
-                        message="left untouched: somebody completed onboarding before us")
-            return await done("already-initialised")
+            if created:
+                log.warning("config.first_boot_skipped", module=module, reason="Config already initialised",
+                            message="left untouched: somebody completed onboarding before us")
+            else:
+                log.info("config.first_boot_skipped", module=module, reason="Config already initialised",
+                         message="onboarding was completed earlier; left untouched")
+            return "already-initialised"
         await sql(client, publisher, module, first_boot_statement(settings))
         rows = await sql(client, publisher, module, select)
     except SqlError as exc:
         if is_missing_table(exc):
             log.info("config.first_boot_skipped", module=module, reason="no Config table (not a Pogly module)")
-            return await done("not-pogly")
+            return "not-pogly"
         log.error("config.first_boot_failed", module=module, server_message=exc.text, status=exc.status,
                   message="Pogly's onboarding stays open (ConfigInit false) until this succeeds; "
                           "it is retried at the next start")
@@ -318,10 +360,17 @@ async def apply_first_boot_config(settings: Settings, client: httpx.AsyncClient,
         log.error("config.first_boot_failed", module=module, row=rows[0] if rows else None,
                   message="the Config row does not show the values just written; retried at the next start")
         return "failed: read-back mismatch"
-    log.info("config.first_boot_applied", module=module, streaming_platform=settings.stream_platform,
-             stream_name=settings.stream_name, debug_mode=settings.debug_mode,
-             strict_mode=settings.strict_mode)
-    return await done("applied")
+    fields = {"module": module, "streaming_platform": settings.stream_platform,
+              "stream_name": settings.stream_name, "debug_mode": settings.debug_mode,
+              "strict_mode": settings.strict_mode}
+    if created:
+        log.info("config.first_boot_applied", **fields)
+    else:
+        log.warning("config.first_boot_applied", **fields, repaired=True,
+                    message="this database existed with Pogly's onboarding still open (ConfigInit false: its "
+                            "first-boot config was never applied, e.g. a state write lost after its creation); "
+                            "applied now, so nobody can take ownership through SetConfig")
+    return "applied"
 
 
-__all__ = ["apply_first_boot_config", "first_boot_statement", "publish_all"]
+__all__ = ["ensure_first_boot_config", "first_boot_statement", "publish_all"]

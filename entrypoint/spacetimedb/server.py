@@ -4,7 +4,7 @@ This is the **start path**: it runs before anything is ready, in PID 1, right
 after the signal handlers are installed, so it imports nothing heavy.  ``ping``
 speaks HTTP/1.1 over raw asyncio streams so httpx is not loaded here; the
 HTTP side (identity, publish, SQL, module logs) lives in the modules that run
-once the server answers, and loads httpx and tenacity lazily.
+once the server answers, and load httpx lazily.
 
 The config volume (``POGLY_CONFIG_DIR``) holds the server's signing keys
 (``id_ecdsa*``) next to the publisher token they signed (``cli.toml``): the
@@ -23,7 +23,7 @@ import stat
 import time
 from pathlib import Path
 
-from entrypoint.config import HostPort, Settings, parse_host_port
+from entrypoint.config import HostPort, Settings
 from entrypoint.errors import EXIT_CONFIG, Fatal
 from entrypoint.fsutil import SECRET_MODE
 from entrypoint.supervision.spawn import spawn
@@ -84,12 +84,6 @@ def is_listening_line(line: str) -> bool:
     return _LISTENING.search(line) is not None
 
 
-def parse_listening_addr(line: str) -> HostPort | None:
-    """The bound address from the listening line (the real port when started on port 0)."""
-    match = _LISTENING.search(line)
-    return parse_host_port(match.group(1)) if match else None
-
-
 def prespawn(settings: Settings) -> tuple[int, int, int, float] | None:
     """Start SpacetimeDB before the event loop and the logging library are imported.
 
@@ -99,10 +93,10 @@ def prespawn(settings: Settings) -> tuple[int, int, int, float] | None:
     doubt return None and let the supervisor start it, check and report.
     Returns ``(pid, stdout_fd, stderr_fd, wall-clock spawn time)``.
     """
-    for path in (settings.data_dir, settings.config_dir):
-        if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
-            return None
-    try:
+    try:  # OSError too: ``is_dir()`` raises ENAMETOOLONG/EACCES (the in-loop start reports those properly)
+        for path in (settings.data_dir, settings.config_dir):
+            if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+                return None
         check_keys(settings.config_dir)
         return (*spawn(command(settings), dict(os.environ)), time.time())
     except (Fatal, OSError):
@@ -198,5 +192,5 @@ def tighten_key_modes(config_dir: Path) -> list[Path]:
 
 __all__ = [
     "CLI_TOML", "PRIVATE_KEY", "PUBLIC_KEY", "check_keys", "command", "is_listening_line",
-    "parse_listening_addr", "parse_lock_error", "ping", "tighten_key_modes",
+    "parse_lock_error", "ping", "tighten_key_modes",
 ]

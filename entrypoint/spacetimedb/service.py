@@ -1,4 +1,17 @@
-"""SpacetimeDB as a supervised child: SIGINT to stop, ``/v1/ping`` for readiness, a held lock waited out."""
+"""SpacetimeDB as a supervised child: SIGINT to stop, ``/v1/ping`` for readiness, a held lock waited out.
+
+What differs from the generic ``Service`` loop:
+
+* an exit right after a lock error is ``LockHeld(pid)``, not a death: another
+  live process holds the data directory (``spacetime.pid`` is an flock).  It is
+  waited out with pauses from the one backoff until ``POGLY_LOCK_WAIT``, and
+  never counts towards the crash-loop verdict.  A holder that is our own
+  leftover (an earlier run's server, re-parented to us) is stopped with SIGINT
+  first.  The lock file itself is never touched: deleting it would let two
+  servers write one data directory.
+* readiness is ``GET /v1/ping`` answering 200, polled sooner once the server
+  logs that it listens.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +19,46 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from entrypoint import logs
+from entrypoint.config import HostPort
 from entrypoint.errors import EXIT_UNAVAILABLE, Fatal
-from entrypoint.supervision import status as state
-from entrypoint.supervision.process import Child, ChildSpec
-from entrypoint.supervision.service import ExitedBeforeReady, Service
+from entrypoint.spacetimedb import server
+from entrypoint.supervision.process import ChildHandle, ChildSpec
+from entrypoint.supervision.restart import delays
+from entrypoint.supervision.service import Died, Outcome, Service
 
-Clock = Callable[[], float]
 log = logs.get("supervisor")
 
+Ping = Callable[[HostPort, float], Awaitable[bool]]
 
-class LockHeld(Exception):
-    """SpacetimeDB refused to start: another live process holds ``spacetime.pid`` (an flock)."""
+#: Pauses while another process holds the lock: 0.2 s doubling to 5 s, up to +25 %.
+LOCK_FIRST_S = 0.2
+LOCK_CAP_S = 5.0
+LOCK_JITTER = 0.25
+#: Pings before the server says it listens: 5 ms doubling to 200 ms (it is up within ~250 ms).
+PING_FIRST_S = 0.005
+PING_CAP_S = 0.2
 
-    def __init__(self, holder: int) -> None:
-        super().__init__(f"lock held by pid {holder}")
-        self.holder = holder
 
+@dataclass(frozen=True)
+class LockHeld(Outcome):
+    """SpacetimeDB refused to start: live process ``holder`` holds ``spacetime.pid`` (0: unknown)."""
+
+    holder: int
+
+
+@dataclass
+class _LockWait:
+    """One wait for the lock: its deadline and pauses, for as long as no run becomes ready."""
+
+    deadline: float
+    pauses: Iterator[float]
+    generation: int
 
 
 class SpacetimeService(Service):
@@ -35,103 +67,74 @@ class SpacetimeService(Service):
     name = "spacetimedb"
     stop_signal = signal.SIGINT
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ping: Ping = server.ping, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._listening = asyncio.Event()
+        self.ping = ping
         self.lock_holder: int | None = None
+        self._listening = asyncio.Event()
+        self._lock_wait: _LockWait | None = None
 
     async def prepare(self) -> None:
-        from entrypoint.spacetimedb import server as spacetime
-
-        spacetime.check_keys(self.settings.config_dir)
+        server.check_keys(self.settings.config_dir)
 
     def spec(self) -> ChildSpec:
-        from entrypoint.spacetimedb import server as spacetime
-
         self._listening.clear()
         self.lock_holder = None
-        return ChildSpec(self.name, spacetime.command(self.settings), dict(os.environ),
-                         signal.SIGINT, self.grace())
+        return ChildSpec(self.name, server.command(self.settings), dict(os.environ), signal.SIGINT, self.grace())
 
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
-        from entrypoint.spacetimedb import server as spacetime
-
         text = str(fields["event"])
-        if spacetime.is_listening_line(text):
+        if server.is_listening_line(text):
             self._listening.set()
             return
-        holder = spacetime.parse_lock_error(text)
+        holder = server.parse_lock_error(text)
         if holder is not None:
             self.lock_holder = holder
 
-    async def wait_ready(self, child: Child) -> None:
-        from entrypoint.spacetimedb import server as spacetime
-
-        delay = 0.005
-        while True:
-            if await spacetime.ping(self.settings.spacetime_addr, timeout=1.0):
+    async def wait_ready(self, child: ChildHandle) -> None:
+        for pause in delays(PING_FIRST_S, PING_CAP_S):
+            if await self.ping(self.settings.spacetime_addr, 1.0):
                 return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout(pause):
                     await self._listening.wait()
-            delay = min(delay * 2, 0.2)
 
     def grace(self) -> float:
         return max(self.settings.stop_timeout - 1.0, 1.0)
 
-    async def start_ready(self) -> Child:
-        """Like ``Service.start_ready``, but a held lock is waited out, not counted as a death."""
-        import tenacity
+    def read_exit(self, code: int) -> Outcome:
+        """An exit that followed a lock error is a held lock, not a crash."""
+        return LockHeld(self.lock_holder) if self.lock_holder is not None else Died(code)
 
-        deadline = self.clock() + self.settings.lock_wait
+    async def pause_after(self, outcome: Outcome) -> float:
+        if isinstance(outcome, LockHeld):
+            return await self._wait_for_lock(outcome.holder)
+        return await super().pause_after(outcome)
 
-        async def attempt() -> Child:
-            child = self._start()
-            if child is None:
-                await self._after_death(None, 127, was_ready=False)
-                raise ExitedBeforeReady(127)
-            try:
-                await self._race_ready(child)
-                return child
-            except ExitedBeforeReady as died:
-                if self.lock_holder is None:
-                    await self._after_death(child, died.code, was_ready=False)
-                    raise
-                holder = self.lock_holder
-                if await self._stop_leftover(holder):
-                    raise LockHeld(holder) from None
-                self.info.state = state.BACKOFF
-                self.info.pid = None
-                self.info.last_exit = f"lock held by pid {holder}"
-                log.warning("spacetime.lock_held", holder_pid=holder,
-                            waited_s=round(self.settings.lock_wait - (deadline - self.clock()), 1),
-                            wait_limit_s=self.settings.lock_wait,
-                            hint="another SpacetimeDB holds the data directory; waiting for it to exit")
-                raise LockHeld(holder) from None
-
-        while True:
-            try:
-                async for try_ in tenacity.AsyncRetrying(
-                    retry=tenacity.retry_if_exception_type(LockHeld),
-                    wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
-                    stop=tenacity.stop_before_delay(max(deadline - self.clock(), 0.0)),
-                    reraise=True,
-                ):
-                    with try_:
-                        return await attempt()
-            except LockHeld as held:
-                holder = held.holder
-                raise Fatal(
-                    EXIT_UNAVAILABLE,
-                    f"SpacetimeDB could not lock {self.settings.data_dir}: spacetime.pid is held by live "
-                    f"process {holder or 'unknown'} for over {self.settings.lock_wait:g} s (POGLY_LOCK_WAIT). "
-                    "This usually means an old pod or container is still running with the same volume: "
-                    "stop it, and use `strategy: Recreate` for the Deployment. Do NOT delete spacetime.pid: "
-                    "it is an flock, and deleting it lets two servers write one data directory.",
-                    event="spacetime.lock_timeout", holder_pid=holder,
-                ) from None
-            except ExitedBeforeReady:
-                continue  # an ordinary death: policy already applied its backoff
+    async def _wait_for_lock(self, holder: int) -> float:
+        """The pause before the next try while ``holder`` keeps the lock; ``Fatal`` past POGLY_LOCK_WAIT."""
+        wait = self._lock_wait
+        if wait is None or wait.generation != self.generation:  # a new wait since the last ready run
+            wait = self._lock_wait = _LockWait(self.launched_at + self.settings.lock_wait,
+                                               delays(LOCK_FIRST_S, LOCK_CAP_S, jitter=LOCK_JITTER), self.generation)
+        self._record_exit(f"lock held by pid {holder}")
+        if not await self._stop_leftover(holder):
+            log.warning("spacetime.lock_held", holder_pid=holder,
+                        waited_s=round(self.settings.lock_wait - (wait.deadline - self.clock()), 1),
+                        wait_limit_s=self.settings.lock_wait,
+                        hint="another SpacetimeDB holds the data directory; waiting for it to exit")
+        pause = next(wait.pauses)
+        if self.clock() + pause >= wait.deadline:
+            raise Fatal(
+                EXIT_UNAVAILABLE,
+                f"SpacetimeDB could not lock {self.settings.data_dir}: spacetime.pid is held by live "
+                f"process {holder or 'unknown'} for over {self.settings.lock_wait:g} s (POGLY_LOCK_WAIT). "
+                "This usually means an old pod or container is still running with the same volume: "
+                "stop it, and use `strategy: Recreate` for the Deployment. Do NOT delete spacetime.pid: "
+                "it is an flock, and deleting it lets two servers write one data directory.",
+                event="spacetime.lock_timeout", holder_pid=holder,
+            )
+        return pause
 
     async def _stop_leftover(self, pid: int) -> bool:
         """Stop a SpacetimeDB left on *our* data dir by an earlier run of ours in this namespace."""
@@ -174,5 +177,3 @@ class SpacetimeService(Service):
             loop.remove_reader(pidfd)
             os.close(pidfd)
         return True
-
-

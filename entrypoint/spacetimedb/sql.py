@@ -54,17 +54,6 @@ def sql_identity(value: str) -> str:
     return "0x" + normalize_hex(value)
 
 
-def sql_literal(value: str | bool | int) -> str:
-    """The literal for a Python value; booleans first, since ``bool`` is an ``int``."""
-    if isinstance(value, bool):
-        return sql_bool(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return sql_string(value)
-    raise TypeError(f"no SQL literal for {type(value).__name__}")
-
-
 _WRAPPED = ("__identity__", "__connection_id__", "__timestamp_micros_since_unix_epoch__",
             "__time_duration_micros__")
 
@@ -156,5 +145,5 @@ async def sql(client: httpx.AsyncClient, publisher: Publisher, database: str, st
 
 
 __all__ = [
-    "SqlError", "parse_sql_result", "sql", "sql_bool", "sql_identity", "sql_literal", "sql_string",
+    "SqlError", "parse_sql_result", "sql", "sql_bool", "sql_identity", "sql_string",
 ]

@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from entrypoint import logs
 from entrypoint.supervision.spawn import spawn
@@ -143,6 +143,34 @@ class ChildSpec:
 Spawner = Callable[[list[str], dict[str, str], str | None], tuple[int, int, int]]
 
 
+class ChildHandle(Protocol):
+    """What a ``Service`` needs of one run of its child; ``Child`` is the real one.
+
+    The seam for in-process tests (honcho's injected process constructor): a
+    scripted fake says when it is ready, exits with a chosen code and answers
+    stop signals as the test decides, without a process or a signal.
+    """
+
+    pid: int | None
+
+    def start(self) -> None:
+        """Begin the run; raises ``OSError`` when the program cannot be executed."""
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet seen to exit."""
+
+    async def wait(self) -> int:
+        """The exit code once it has exited (``-N`` for signal N), output relayed."""
+
+    async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
+        """Stop signal, up to ``grace`` (or until ``force``), then SIGKILL; ``(code, killed)``."""
+
+
+#: Makes one run of a child from its spec and the sink for its output lines.
+Launcher = Callable[[ChildSpec, LineSink], ChildHandle]
+
+
 @dataclass
 class Child:
     """One run of one child: its PID, its output, its exit."""
@@ -153,7 +181,6 @@ class Child:
     spawner: Spawner = spawn
     pid: int | None = None
     returncode: int | None = None
-    started_at: float = 0.0
     _status: asyncio.Future[int] | None = None
     _eof: list[asyncio.Event] = field(default_factory=list)
     _fds: list[int] = field(default_factory=list)
@@ -166,7 +193,6 @@ class Child:
         pid, out_fd, err_fd = self.spawner(self.spec.argv, self.spec.env, self.spec.cwd)
         self.pid = pid
         self._status = self.reaper.register(pid)
-        self.started_at = time.monotonic()
         for fd, stream in ((out_fd, "stdout"), (err_fd, "stderr")):
             eof = asyncio.Event()
             framer = LineFramer(lambda raw, trunc, s=stream: self.sink(s, raw, trunc))
@@ -290,7 +316,12 @@ def exit_status(code: int) -> int:
 async def run_capture(
     argv: list[str], env: dict[str, str], timeout: float, reaper: Reaper, limit: int = 1 << 20
 ) -> tuple[int, bytes, bytes]:
-    """Run a short command to completion (``caddy validate``) through our reaper."""
+    """Run a short command to completion (``caddy validate``, ``oidc-check``) through our reaper.
+
+    Past ``timeout`` the command is killed and ``TimeoutError`` raised: a hang
+    is not an answer, and must not be read as one (a killed ``caddy validate``
+    is not an invalid Caddyfile).
+    """
     chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
     sizes = {"stdout": 0, "stderr": 0}
 
@@ -306,7 +337,7 @@ async def run_capture(
             code = await child.wait()
     except TimeoutError:
         await child.stop(0)
-        code = -signal.SIGKILL
+        raise
     except asyncio.CancelledError:
         # A shutdown must not leave it behind: kill it and see it gone (SIGKILL
         # cannot be ignored, so this wait is short) before letting the cancel through.

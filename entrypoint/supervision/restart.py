@@ -27,6 +27,8 @@ class Verdict:
 
 @dataclass
 class RestartPolicy:
+    """Restart pauses from ``delays()``, the count reset by a healthy run, and the crash-loop verdict."""
+
     first_delay: float = 0.1
     factor: float = 2.0
     cap: float = 30.0
@@ -36,21 +38,18 @@ class RestartPolicy:
     loop_window: float = 120.0
     rng: Callable[[], float] = random.random
     _deaths: deque[float] = field(default_factory=deque)
-    _attempt: int = 0
+    _pauses: Iterator[float] | None = None
 
     def on_death(self, now: float, started_at: float) -> Verdict:
-        """Record a death at ``now`` of a run that began at ``started_at``."""
-        if now - started_at >= self.healthy_after:
-            self._attempt = 0
+        """Record a death at ``now`` of a run that began at ``started_at`` (both from the same clock)."""
+        if self._pauses is None or now - started_at >= self.healthy_after:
+            self._pauses = delays(self.first_delay, self.cap, factor=self.factor, jitter=self.jitter, rng=self.rng)
         self._deaths.append(now)
         while self._deaths and now - self._deaths[0] > self.loop_window:
             self._deaths.popleft()
         if len(self._deaths) >= self.loop_deaths:
             return Verdict(True, 0.0, len(self._deaths))
-        base = min(self.cap, self.first_delay * self.factor**self._attempt)
-        delay = min(self.cap, base * (1.0 + self.jitter * self.rng()))
-        self._attempt += 1
-        return Verdict(False, delay, len(self._deaths))
+        return Verdict(False, next(self._pauses), len(self._deaths))
 
 
 def delays(first: float, cap: float, *, factor: float = 2.0, jitter: float = 0.0,

@@ -1,8 +1,28 @@
-"""One supervised child slot: start, readiness, restart with backoff, stop.
+"""One supervised child: one loop from launch to readiness to death to the next attempt.
 
-A ``Service`` owns one child and its restart policy; subclasses in the domain
-packages add what is particular to each child (``spacetimedb.service``,
-``web.caddy_service``).  Ordering between services is decided by the startup story.
+``Service.supervise()`` is a child's whole life, one attempt per turn::
+
+    prepare()                                     once: render, validate, check files
+    loop:
+      launch (or hand out the run adopted from before the event loop)
+      race ready vs exit, within POGLY_START_TIMEOUT
+          → an outcome: Ready | Died(code) | TimedOut | a subclass's own (SpacetimeDB: LockHeld)
+      Ready → announce it, wait for the exit     → Died(code, was_ready=True)
+      pause_after(outcome): the policy           → seconds to wait, or Fatal to give up
+      sleep
+
+Stopping is not part of this loop.  A stop cancels the task group that runs
+``supervise`` (at whichever await it is: the race, the wait, the pause), and
+the supervisor then calls ``stop()`` on the child that exists; nothing can
+restart afterwards because nothing runs the loop any more.
+
+Subclasses in the domain packages (``spacetimedb.service``,
+``web.caddy_service``) say what is particular to their child: ``spec``
+(argv, environment), ``prepare``, ``on_line`` (readiness markers, lock
+errors), ``wait_ready``, ``grace``, ``read_exit`` (what an exit before
+readiness means) and ``pause_after`` (exceptions to the restart policy).
+Every time comes from the injected ``clock``; children come from the injected
+``launch`` (a fake in tests/supervision, ``Child`` otherwise).
 """
 
 from __future__ import annotations
@@ -11,24 +31,52 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from entrypoint import logs
 from entrypoint.config import Settings
 from entrypoint.errors import EXIT_UNAVAILABLE, Fatal
 from entrypoint.supervision import status as state
-from entrypoint.supervision.process import Child, ChildSpec, Reaper, Spawner, describe_exit, exit_status, spawn
+from entrypoint.supervision.process import (
+    Child,
+    ChildHandle,
+    ChildSpec,
+    Launcher,
+    LineSink,
+    Reaper,
+    describe_exit,
+    exit_status,
+)
 from entrypoint.supervision.restart import RestartPolicy
 
 Clock = Callable[[], float]
 log = logs.get("supervisor")
 
+#: The exit code a shell reports for "command not found / cannot execute": a failed spawn counts as one.
+SPAWN_FAILED = 127
 
-class ExitedBeforeReady(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(describe_exit(code))
-        self.code = code
 
+class Outcome:
+    """How one attempt ended; ``pause_after`` turns it into a pause or a ``Fatal``."""
+
+
+@dataclass(frozen=True)
+class Ready(Outcome):
+    """The child became ready before it exited and before the start timeout."""
+
+
+@dataclass(frozen=True)
+class Died(Outcome):
+    """The child exited (``code``: ``-N`` for signal N) or could not be spawned (127)."""
+
+    code: int
+    was_ready: bool = False
+
+
+@dataclass(frozen=True)
+class TimedOut(Outcome):
+    """Still running but not ready after ``POGLY_START_TIMEOUT``."""
 
 
 class Service:
@@ -38,26 +86,26 @@ class Service:
     stop_signal = signal.SIGTERM
 
     def __init__(self, settings: Settings, status: state.Status, reaper: Reaper, *,
-                 clock: Clock = time.monotonic, spawner: Spawner = spawn,
+                 clock: Clock = time.monotonic, launch: Launcher | None = None,
                  policy: RestartPolicy | None = None) -> None:
         self.settings = settings
         self.status = status
         self.reaper = reaper
         self.clock = clock
-        self.spawner = spawner
+        self.launch: Launcher = launch or self._real_child
         self.policy = policy or RestartPolicy()
-        self.child: Child | None = None
-        self._adopted: Child | None = None
+        self.child: ChildHandle | None = None
+        self.launched_at = 0.0  # clock() when the current run was launched
         self.first_ready = asyncio.Event()
-        self.stopping = False  # set by the supervisor at shutdown: never start or restart again
         self.generation = 0  # how many runs became ready; lets others react to a restart
-        self._ready_changed = asyncio.Condition()
+        self._next_generation = asyncio.Event()  # set (and replaced) each time a run becomes ready
+        self._adopted: ChildHandle | None = None
         self._ready = asyncio.Event()
         self._redactors: dict[str, logs.LineRedactor] = {}
         self._tail: list[str] = []  # last lines, quoted when the child fails
         self.info = status.child(self.name)
 
-    # -- hooks for subclasses -------------------------------------------------
+    # -- what each child says about itself ---------------------------------------------
     async def prepare(self) -> None:
         """Work done once before the first start (render, validate, check files)."""
 
@@ -67,80 +115,92 @@ class Service:
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
         """Inspect a child's log line (readiness markers, lock errors)."""
 
-    async def wait_ready(self, child: Child) -> None:
+    async def wait_ready(self, child: ChildHandle) -> None:
         """Return once ``child`` is ready; the caller races this with its exit."""
         await self._ready.wait()
 
     def grace(self) -> float:
         return 10.0
 
-    def fatal_exit(self, code: int, was_ready: bool) -> Fatal | None:
-        """A death that must not be retried (e.g. Caddy's exit 1 at startup)."""
-        return None
+    def read_exit(self, code: int) -> Outcome:
+        """What an exit before readiness means; a subclass may know better than "it died"."""
+        return Died(code)
 
-    # -- the loop ----------------------------------------------------------------
+    async def pause_after(self, outcome: Outcome) -> float:
+        """The restart policy: seconds until the next attempt, or ``Fatal`` to give up."""
+        if isinstance(outcome, TimedOut):
+            raise Fatal(
+                EXIT_UNAVAILABLE,
+                f"{self.name} did not become ready within {self.settings.start_timeout:g} s "
+                f"(POGLY_START_TIMEOUT); its last lines: {self._tail[-5:]}",
+                event="child.ready_timeout", child=self.name,
+            )
+        if not isinstance(outcome, Died):
+            raise TypeError(f"{self.name}: no restart policy for {outcome!r}")
+        self._record_exit(describe_exit(outcome.code))
+        verdict = self.policy.on_death(self.clock(), self.launched_at)
+        if verdict.crash_loop:
+            self.info.state = state.FAILED
+            raise Fatal(
+                exit_status(outcome.code),
+                f"{self.name} died {verdict.deaths_in_window} times within "
+                f"{self.policy.loop_window:g} s ({describe_exit(outcome.code)}); giving up so the orchestrator's "
+                f"restart policy takes over. Its last lines: {self._tail[-5:]}",
+                event="child.crash_loop", child=self.name, code=outcome.code,
+            )
+        self.info.restarts += 1
+        log.warning("child.exited", child=self.name, pid=self.child.pid if self.child else None,
+                    exit=describe_exit(outcome.code), was_ready=outcome.was_ready,
+                    restart_in_s=round(verdict.delay, 3), restarts=self.info.restarts)
+        return verdict.delay
+
+    # -- the loop ------------------------------------------------------------------------
     async def supervise(self) -> None:
-        """Start, wait ready, wait for death, restart per policy; forever (until cancelled)."""
+        """Launch, race ready vs exit, let the policy decide, repeat; until cancelled or ``Fatal``."""
         await self.prepare()
         while True:
-            child = await self.start_ready()
-            self.info.state = state.READY
-            if not self.first_ready.is_set():
-                log.info("child.ready", child=self.name, pid=child.pid,
-                         startup_ms=round((self.clock() - child.started_at) * 1000, 1))
-            else:
-                log.info("child.ready", child=self.name, pid=child.pid)
-            self.first_ready.set()
-            self.generation += 1
-            async with self._ready_changed:
-                self._ready_changed.notify_all()
-            code = await child.wait()
-            await self._after_death(child, code, was_ready=True)
+            child = self._launch()
+            outcome = await self._race_ready(child)
+            if isinstance(outcome, Ready):
+                assert child is not None
+                self._became_ready(child)
+                outcome = Died(await child.wait(), was_ready=True)
+            pause = await self.pause_after(outcome)  # or Fatal: give up
+            await asyncio.sleep(pause)
 
     async def ready_after(self, generation: int) -> int:
         """Wait until a run later than ``generation`` is ready; return its generation."""
-        async with self._ready_changed:
-            await self._ready_changed.wait_for(lambda: self.generation > generation)
-            return self.generation
-
-    async def start_ready(self) -> Child:
-        """Start the child until one run becomes ready (deaths before ready are retried)."""
-        while True:
-            child = self._start()
-            if child is None:
-                await self._after_death(None, 127, was_ready=False)
-                continue
-            try:
-                await self._race_ready(child)
-                return child
-            except ExitedBeforeReady as died:
-                await self._after_death(child, died.code, was_ready=False)
+        while self.generation <= generation:
+            await self._next_generation.wait()
+        return self.generation
 
     def adopt(self, early: tuple[int, int, int, float]) -> None:
-        """Take over a child spawned before the event loop existed (``spacetime.prespawn``).
+        """Take over a child spawned before the event loop existed (``spacetimedb.server.prespawn``).
 
         It becomes ``self.child`` at once, so a stop requested before the first
-        ``supervise`` step still stops it; ``_start`` then hands it out instead
-        of spawning.
+        ``supervise`` step still stops it; the first launch hands it out
+        instead of spawning.
         """
         spec = self.spec()
-        child = Child(spec, self.reaper, self._sink, lambda *_: early[:3])
-        self._start_child(child, spec, spawned_at=early[3])
-        self._adopted = child
+        self._adopted = self._begin(Child(spec, self.reaper, self._sink, lambda *_: early[:3]), spec,
+                                    spawned_at=early[3])
 
-    def _start(self) -> Child | None:
+    def _launch(self) -> ChildHandle | None:
+        """One run of the child: the adopted one, else a new one; None when it cannot be executed."""
         adopted, self._adopted = self._adopted, None
         if adopted is not None:
             return adopted
-        if self.stopping:
-            raise asyncio.CancelledError
         spec = self.spec()
-        return self._start_child(Child(spec, self.reaper, self._sink, self.spawner), spec)
+        return self._begin(self.launch(spec, self._sink), spec)
 
-    def _start_child(self, child: Child, spec: ChildSpec, spawned_at: float | None = None) -> Child | None:
+    def _real_child(self, spec: ChildSpec, sink: LineSink) -> ChildHandle:
+        return Child(spec, self.reaper, sink)
+
+    def _begin(self, child: ChildHandle, spec: ChildSpec, spawned_at: float | None = None) -> ChildHandle | None:
         self._ready.clear()
-        self._redactors = {"stdout": logs.LineRedactor(), "stderr": logs.LineRedactor()}
+        self._redactors = {stream: logs.LineRedactor(self.name, stream) for stream in ("stdout", "stderr")}
         self.child = child
+        self.launched_at = self.clock()
         self.info.state = state.STARTING
         try:
             child.start()
@@ -151,12 +211,15 @@ class Service:
             self.info.last_exit = f"spawn failed: {exc}"
             return None
         self.info.pid = child.pid
-        self.info.started_at = spawned_at or time.time()
+        self.info.started_at = spawned_at or time.time()  # wall clock, for people reading /status
         extra = {"prespawned_at": spawned_at} if spawned_at else {}
         log.info("child.started", child=self.name, pid=child.pid, argv=spec.argv, **extra)
         return child
 
-    async def _race_ready(self, child: Child) -> None:
+    async def _race_ready(self, child: ChildHandle | None) -> Outcome:
+        """Ready, or why not: its exit (as ``read_exit`` reads it) or no readiness in time."""
+        if child is None:
+            return Died(SPAWN_FAILED)
         ready = asyncio.ensure_future(self.wait_ready(child))
         exited = asyncio.ensure_future(child.wait())
         try:
@@ -167,41 +230,30 @@ class Service:
             ready.cancel()
             exited.cancel()
         if ready in done and ready.exception() is None:
-            return
+            return Ready()
         if exited in done or not child.running:
-            raise ExitedBeforeReady(await child.wait())
+            return self.read_exit(await child.wait())
         if ready in done:
-            raise ready.exception()  # type: ignore[misc]
-        raise Fatal(
-            EXIT_UNAVAILABLE,
-            f"{self.name} did not become ready within {self.settings.start_timeout:g} s "
-            f"(POGLY_START_TIMEOUT); its last lines: {self._tail[-5:]}",
-            event="child.ready_timeout", child=self.name,
-        )
+            raise ready.exception()  # type: ignore[misc]  # a bug in wait_ready: let it surface
+        return TimedOut()
 
-    async def _after_death(self, child: Child | None, code: int, *, was_ready: bool) -> None:
+    def _became_ready(self, child: ChildHandle) -> None:
+        self.info.state = state.READY
+        if not self.first_ready.is_set():
+            log.info("child.ready", child=self.name, pid=child.pid,
+                     startup_ms=round((self.clock() - self.launched_at) * 1000, 1))
+        else:
+            log.info("child.ready", child=self.name, pid=child.pid)
+        self.first_ready.set()
+        self.generation += 1
+        waking, self._next_generation = self._next_generation, asyncio.Event()
+        waking.set()
+
+    def _record_exit(self, last_exit: str) -> None:
+        """The status between two runs: no PID, why the last one ended."""
         self.info.state = state.BACKOFF
         self.info.pid = None
-        self.info.last_exit = describe_exit(code)
-        fatal = self.fatal_exit(code, was_ready)
-        if fatal is not None:
-            raise fatal
-        started = child.started_at if child is not None else self.clock()
-        verdict = self.policy.on_death(self.clock(), started)
-        if verdict.crash_loop:
-            self.info.state = state.FAILED
-            raise Fatal(
-                exit_status(code),
-                f"{self.name} died {verdict.deaths_in_window} times within "
-                f"{self.policy.loop_window:g} s ({describe_exit(code)}); giving up so the orchestrator's "
-                f"restart policy takes over. Its last lines: {self._tail[-5:]}",
-                event="child.crash_loop", child=self.name, code=code,
-            )
-        self.info.restarts += 1
-        log.warning("child.exited", child=self.name, pid=child.pid if child else None,
-                    exit=describe_exit(code), was_ready=was_ready,
-                    restart_in_s=round(verdict.delay, 3), restarts=self.info.restarts)
-        await asyncio.sleep(verdict.delay)
+        self.info.last_exit = last_exit
 
     def _sink(self, stream: str, raw: bytes, truncated: bool) -> None:
         text = self._redactors[stream](logs.decode_line(raw, truncated))
@@ -214,7 +266,9 @@ class Service:
             fields["pid"] = self.child.pid
         logs.emit(level, fields)
 
+    # -- stop (called by the supervisor, after the loop above was cancelled) ---------------
     async def stop(self, grace: float, force: asyncio.Event) -> None:
+        """Stop the run that exists, if any: its stop signal, ``grace`` seconds (or until ``force``), SIGKILL."""
         child = self.child
         if child is None or not child.running:
             self.info.state = state.STOPPED
@@ -231,5 +285,3 @@ class Service:
             "child.stopped", child=self.name, exit=describe_exit(code), killed=killed,
             stop_ms=round((self.clock() - started) * 1000, 1),
         )
-
-

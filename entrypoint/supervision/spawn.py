@@ -2,7 +2,7 @@
 
 Kept apart from ``process.py`` so the entrypoint can start SpacetimeDB within a
 few tens of milliseconds of ``exec``, before the event loop and the logging
-library are even imported (see ``cli.cmd_run``).
+library are even imported (see ``entrypoint/startup.py``).
 
 ``posix_spawn`` resets every signal to its default disposition and clears the
 signal mask in the child before ``exec`` (``setsigdef``/``setsigmask``), and

@@ -273,8 +273,3 @@ async def validate(settings: Settings, path: Path, runner: Runner,
     except OSError:
         text = ""
     raise CaddyConfigError(message, path=path, lines=offending_lines(message, path, text), stderr=stderr)
-
-
-def is_ready_line(parsed: object) -> bool:
-    """True for Caddy's log record that follows binding every listener."""
-    return isinstance(parsed, dict) and parsed.get("msg") == READY_MSG

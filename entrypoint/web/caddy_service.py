@@ -1,4 +1,10 @@
-"""Caddy as a supervised child: validated before it runs, ready when it logs so, exit 1 is final."""
+"""Caddy as a supervised child: validated before it runs, ready when it logs so, exit 1 is final.
+
+What differs from the generic ``Service`` loop: ``prepare`` writes
+``config.js``, reads which web build is served, renders and validates the
+Caddyfile (cached per Caddyfile and binary); an exit 1 before readiness is
+Caddy's "failed startup", which its docs say not to restart, so it is fatal.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,15 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
 from entrypoint.fsutil import atomic_write
-from entrypoint.supervision.process import ChildSpec
-from entrypoint.supervision.service import Service
+from entrypoint.supervision.process import ChildSpec, describe_exit
+from entrypoint.supervision.service import Died, Outcome, Service
 
-Clock = Callable[[], float]
 log = logs.get("supervisor")
 
 
@@ -61,16 +65,21 @@ class CaddyService(Service):
             return await run_capture(argv, env, timeout, self.reaper)
 
         try:
-            await caddy.validate(self.settings, path, runner)
+            await caddy.validate(self.settings, path, runner, timeout=caddy.VALIDATE_TIMEOUT)
         except caddy.CaddyConfigError as exc:
             raise Fatal(EXIT_CONFIG, str(exc), event="caddy.invalid_config") from exc
+        # Before OSError: TimeoutError is a subclass of it, and a hang is not a bad binary.
+        except TimeoutError as exc:
+            raise Fatal(EXIT_UNAVAILABLE, f"`caddy validate` did not finish within {caddy.VALIDATE_TIMEOUT:g} s "
+                        f"(CADDY_BIN={self.settings.caddy_bin}); that binary hangs: run `caddy validate` by hand "
+                        "to see why", event="caddy.validate_timeout") from exc
         except OSError as exc:
             raise Fatal(EXIT_CONFIG, f"cannot run CADDY_BIN={self.settings.caddy_bin}: {exc}",
                         event="caddy.not_executable") from exc
-        except TimeoutError as exc:
-            raise Fatal(EXIT_UNAVAILABLE, "`caddy validate` did not finish in time",
-                        event="caddy.validate_timeout") from exc
-        atomic_write(stamp, key)
+        try:
+            atomic_write(stamp, key)
+        except OSError as exc:  # only a cache: the next start validates again
+            log.warning("caddy.validate_stamp_unwritable", path=str(stamp), error=str(exc))
 
     def spec(self) -> ChildSpec:
         from entrypoint.web import caddy
@@ -88,8 +97,9 @@ class CaddyService(Service):
 
         return caddy.stop_grace(self.settings)
 
-    def fatal_exit(self, code: int, was_ready: bool) -> Fatal | None:
-        if code == 1 and not was_ready:
-            return Fatal(1, "Caddy failed to start (exit 1 = failed startup; Caddy's docs say not to restart "
-                         f"it). Its last lines: {self._tail[-5:]}", event="caddy.startup_failed")
-        return None
+    async def pause_after(self, outcome: Outcome) -> float:
+        if isinstance(outcome, Died) and outcome.code == 1 and not outcome.was_ready:
+            self._record_exit(describe_exit(outcome.code))
+            raise Fatal(1, "Caddy failed to start (exit 1 = failed startup; Caddy's docs say not to restart "
+                        f"it). Its last lines: {self._tail[-5:]}", event="caddy.startup_failed")
+        return await super().pause_after(outcome)

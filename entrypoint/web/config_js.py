@@ -50,7 +50,7 @@ from pathlib import Path
 import structlog
 
 from entrypoint.config import Settings
-from entrypoint.fsutil import atomic_write
+from entrypoint.fsutil import WriteFailed, atomic_write
 
 log = structlog.get_logger("webconfig")
 
@@ -113,10 +113,14 @@ def write_config_js(settings: Settings) -> Path:
     """Write ``config.js`` into ``settings.run_dir`` atomically and return its path.
 
     Atomic because Caddy may serve it to a browser at any moment: a reader gets
-    the old file or the new one, never half of one.
+    the old file or the new one, never half of one.  A run dir that cannot take
+    it (full, read-only) is exit 78 naming ``POGLY_RUN_DIR``.
     """
     path = settings.run_dir / CONFIG_JS_NAME
-    atomic_write(path, render_config_js(settings), mode=0o644)
+    try:
+        atomic_write(path, render_config_js(settings), mode=0o644)
+    except WriteFailed as exc:
+        raise exc.fatal("POGLY_RUN_DIR", settings.run_dir) from exc
     return path
 
 

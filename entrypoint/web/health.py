@@ -15,6 +15,17 @@ Defensive limits, since anything on the pod network that reaches this port is
 untrusted: bounded header size, no request bodies worth the name, a deadline
 for each request and for idle keep-alive connections, a cap on concurrent
 connections and on requests per connection.
+
+Readiness that an anonymous client cannot flip: Caddy opens one upstream
+connection per in-flight request, so a flood of ``GET /readyz`` on the public
+port used to exceed the connection cap and turn probes into 503s.  Now (1) the
+Caddyfile caps Caddy's connections to this server (``max_conns_per_host``) so
+the flood queues inside Caddy, well below our cap; (2) past ``max_connections``
+a connection is still served, once, with a short deadline and ``connection:
+close`` (every answer is a few bytes computed from memory), and only past
+``max_connections + max_overflow`` does a client get the 503; (3) an answer
+never waits for a request body (probes have none), so a client trickling a body
+through Caddy cannot hold a connection for the request deadline.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ MAX_BODY_BYTES = 1024
 REQUEST_TIMEOUT = 5.0  # from a request's first byte to its end
 IDLE_TIMEOUT = 60.0  # keep-alive: longer than Caddy's upstream keepalive (30 s in the template)
 WRITE_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64  # keep-alive connections served as usual
+MAX_OVERFLOW = 192  # beyond them: one request each with OVERFLOW_TIMEOUT, then closed; beyond that: 503
+OVERFLOW_TIMEOUT = 1.0
 MAX_REQUESTS_PER_CONNECTION = 1000
 READ_CHUNK = 4096
 
@@ -71,6 +84,16 @@ def answer(status: Status, path: str) -> tuple[int, bytes]:
     return 404, _json({"error": "not found", "paths": list(PATHS)})
 
 
+def _content_length(request: h11.Request) -> int:
+    for name, value in request.headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:  # pragma: no cover - h11 rejects a malformed Content-Length
+                return 0
+    return 0
+
+
 def _request_path(target: bytes) -> str:
     text = target.decode("ascii", "replace")
     if not text.startswith("/"):  # absolute-form (a proxy-style request) or "*"
@@ -84,13 +107,16 @@ class HealthServer:
     def __init__(self, status: Status, host: str, port: int, *,
                  request_timeout: float = REQUEST_TIMEOUT,
                  idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_overflow: int = MAX_OVERFLOW) -> None:
         self.status = status
         self.host = host
         self._port = port
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.max_overflow = max_overflow
+        self.overflow_served = 0  # connections answered past max_connections (for tests and /status readers)
         self._server: asyncio.Server | None = None
         # Connection task -> its writer, so close() can end both.
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -144,7 +170,7 @@ class HealthServer:
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - always set inside a callback task
             return
-        if len(self._conns) >= self.max_connections:
+        if len(self._conns) >= self.max_connections + self.max_overflow:
             # Answer without reading the request, then close: a clear 503
             # rather than a reset for the client that came one too many.
             writer.write(_BUSY)
@@ -153,9 +179,12 @@ class HealthServer:
                     await writer.drain()
             writer.close()
             return
+        overflow = len(self._conns) >= self.max_connections
+        if overflow:
+            self.overflow_served += 1
         self._conns[task] = writer
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, overflow=overflow)
         except (ConnectionError, TimeoutError, h11.LocalProtocolError):
             pass
         except asyncio.CancelledError:
@@ -169,49 +198,65 @@ class HealthServer:
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     overflow: bool = False) -> None:
+        """Requests on one connection until it closes, idles out or hits a limit.
+
+        ``overflow``: past the connection cap; one request, answered within
+        ``OVERFLOW_TIMEOUT`` of the connection's start or not at all.
+        """
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         loop = asyncio.get_running_loop()
-        for served in range(MAX_REQUESTS_PER_CONNECTION):
+        request_timeout = min(self.request_timeout, OVERFLOW_TIMEOUT) if overflow else self.request_timeout
+        idle_timeout = min(self.idle_timeout, OVERFLOW_TIMEOUT) if overflow else self.idle_timeout
+        limit = 1 if overflow else MAX_REQUESTS_PER_CONNECTION
+        for served in range(limit):
             deadline: float | None = None  # set once the request's first byte arrives
             request: h11.Request | None = None
-            body = 0
-            while True:
-                try:
+            try:
+                while request is None:  # until the request line and headers are in
                     event = conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._send_error(conn, writer, exc.error_status_hint, "bad request")
-                    return
-                if event is h11.NEED_DATA:
-                    if deadline is None and conn.trailing_data[0]:
-                        deadline = loop.time() + self.request_timeout
-                    wait = self.idle_timeout if deadline is None else deadline - loop.time()
-                    try:
-                        async with asyncio.timeout(max(wait, 0.0)):
-                            data = await reader.read(READ_CHUNK)
-                    except TimeoutError:
-                        if deadline is not None:
-                            await self._send_error(conn, writer, 408, "request timeout")
+                    if event is h11.NEED_DATA:
+                        if deadline is None and conn.trailing_data[0]:
+                            deadline = loop.time() + request_timeout
+                        wait = idle_timeout if deadline is None else deadline - loop.time()
+                        try:
+                            async with asyncio.timeout(max(wait, 0.0)):
+                                data = await reader.read(READ_CHUNK)
+                        except TimeoutError:
+                            if deadline is not None:
+                                await self._send_error(conn, writer, 408, "request timeout")
+                            return
+                        if deadline is None and data:
+                            deadline = loop.time() + request_timeout
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                         return
-                    if deadline is None and data:
-                        deadline = loop.time() + self.request_timeout
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.Data):
-                    body += len(event.data)
-                    if body > MAX_BODY_BYTES:
-                        await self._send_error(conn, writer, 413, "request body too large")
-                        return
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                if _content_length(request) > MAX_BODY_BYTES:
+                    await self._send_error(conn, writer, 413, "request body too large")
                     return
-            assert request is not None
-            last = served == MAX_REQUESTS_PER_CONNECTION - 1
+                # The answer never waits for a body (probes send none): take what has already
+                # arrived, and if the rest has not, answer and close instead of waiting for it.
+                complete, body = False, 0
+                while not complete:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                        break
+                    if isinstance(event, h11.Data):
+                        body += len(event.data)
+                        if body > MAX_BODY_BYTES:
+                            await self._send_error(conn, writer, 413, "request body too large")
+                            return
+                    elif isinstance(event, h11.EndOfMessage):
+                        complete = True
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(conn, writer, exc.error_status_hint, "bad request")
+                return
+            last = served == limit - 1 or not complete
             await self._respond(conn, writer, request, close=last)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            if last or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
 

@@ -49,7 +49,6 @@ log = logs.get("webapp")
 RUNTIME_CONFIG = "runtime-config"
 HARD_CODED = "hard-coded-spacetimeauth"
 UNKNOWN = "unknown"
-VERDICTS = (RUNTIME_CONFIG, HARD_CODED, UNKNOWN)
 
 MARKER_RUNTIME_CONFIG = GLOBAL_NAME.encode()
 # The authority as a JS string literal, also with the slash JSON-escaped, and the client id's prefix.

@@ -313,12 +313,19 @@ LIFECYCLE_REDUCERS = {
     "on_connect": "OnConnect", "on_disconnect": "OnDisconnect",
 }
 
-# reducer name -> (argument names, argument types); all test-only helpers
+# reducer name -> (argument names, argument types); all test-only helpers except SetConfig
 POGLY_REDUCERS: dict[str, list[tuple[str, str]]] = {
     "log_message": [("level", "String"), ("message", "String")],
     "insert_item": [("value", "String")],
     "fail": [("message", "String")],
+    # Pogly's onboarding (server/Config/ConfigReducers.cs): while Config.ConfigInit is false the
+    # caller becomes the owner; afterwards it throws.  (The real reducer also wants the caller's
+    # Guests row and an auth key when authentication is on; not reproduced.)
+    "SetConfig": [("platform", "String"), ("channel", "String"), ("debug", "Bool"), ("updateHz", "U32"),
+                  ("editorBorder", "U32"), ("authentication", "Bool"), ("strictMode", "Bool"),
+                  ("authKey", "String")],
 }
+_ARG_TYPES: dict[str, tuple[type, ...]] = {"String": (str,), "Bool": (bool,), "U32": (int,)}
 
 
 def module_kind(program: bytes) -> str:
@@ -574,9 +581,11 @@ class Database:
             raise DbError(
                 400, f"invalid arguments for reducer {name}: expected {len(params)} arguments, got {args!r}"
             )
-        for (pname, _), value in zip(params, args, strict=True):
-            if not isinstance(value, str):
-                raise DbError(400, f"invalid arguments for reducer {name}: `{pname}` must be a string")
+        for (pname, ptype), value in zip(params, args, strict=True):
+            wanted = _ARG_TYPES[ptype]
+            if not isinstance(value, wanted) or (ptype == "U32" and isinstance(value, bool)):
+                what = "a string" if ptype == "String" else f"of type {ptype}"
+                raise DbError(400, f"invalid arguments for reducer {name}: `{pname}` must be {what}")
         if name == "log_message":
             level = args[0]
             if level not in LOG_LEVELS:
@@ -588,6 +597,28 @@ class Database:
         elif name == "fail":
             self.pogly_log("Error", args[0], "fail", 150)
             raise DbError(530, args[0])
+        elif name == "SetConfig":
+            self._set_config(args, caller)
+
+    def _set_config(self, args: list[Any], caller: str) -> None:
+        config = self.tables["Config"]
+        rowid = config.pk_index[0]
+        row = list(config.rows[rowid])
+        cols = [c for c, _ in config.tdef.columns]
+        if row[cols.index("ConfigInit")]:
+            message = f"{caller} tried to initialize Config- but Config is already initialized!"
+            self.pogly_log("Warn", message, "SetConfig", 61)
+            raise DbError(530, message)
+        platform, channel, debug, update_hz, border, authentication, strict, _key = args
+        for col, value in (("StreamingPlatform", platform), ("StreamName", channel), ("OwnerIdentity", caller),
+                           ("DebugMode", debug), ("UpdateHz", update_hz), ("EditorBorder", border),
+                           ("Authentication", authentication), ("StrictMode", strict), ("ConfigInit", True)):
+            row[cols.index(col)] = value
+        with self.transaction() as tx:
+            tx.update(config, rowid, row)
+            tx.insert(self.tables["Permissions"], [caller, 9999])  # PermissionTypes.Owner
+        self.pogly_log("Info", f"[SetConfig] Success with Globals => DebugMode:{debug}, StrictMode:{strict}, "
+                               f"Authentication:{authentication}!", "SetConfig", 90)
 
 
 class Store:
