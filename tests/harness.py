@@ -56,6 +56,19 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def unshare_child(pid: int, timeout: float = 5.0) -> int:
+    """The PID (in our namespace) of what ``unshare --fork`` (``pid``) runs: the program under test."""
+
+    def child() -> int | None:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(kids[0]) if kids else None
+
+    return wait_for(child, timeout, "unshare's child")
+
+
 def base_env(tmp: Path, **overrides: str) -> dict[str, str]:
     """An environment for a local run: every directory under ``tmp``, free ports."""
     web = tmp / "web"
@@ -196,14 +209,7 @@ class Running:
         if not self.pid1:
             return self.proc.pid
 
-        def child() -> int | None:
-            try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-            except OSError:
-                return None
-            return int(kids[0]) if kids else None
-
-        return wait_for(child, 5, "unshare's child")
+        return unshare_child(self.proc.pid)
 
     def handlers_installed(self) -> bool:
         """True once the entrypoint catches SIGTERM (bit 15 of SigCgt)."""

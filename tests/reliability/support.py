@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ENTRYPOINT, REPO, wait_for
+from tests.harness import ENTRYPOINT, REPO, unshare_child, wait_for
 
 
 async def get(port: int, path: str, *, headers: dict[str, str] | None = None,
@@ -143,14 +143,7 @@ class FifoRun:
         if not self.pid1:
             return self.proc.pid
 
-        def child() -> int | None:
-            try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-            except OSError:
-                return None
-            return int(kids[0]) if kids else None
-
-        return wait_for(child, 5, "unshare's child")
+        return unshare_child(self.proc.pid)
 
     def signal(self, sig: int) -> None:
         os.kill(self.inner_pid, sig)
