@@ -224,3 +224,14 @@ def test_non_utf8_bytes_are_preserved(tmp_path: Path) -> None:
     assert ensure_index_loads_config(web) is True
     assert (web / "index.html").read_bytes() == raw.replace(b"<script", SCRIPT_TAG.encode() + b"<script", 1)
     assert (web / "index.html.orig").read_bytes() == raw
+
+
+def test_config_loaded_only_after_the_bundle_is_injected_before_it() -> None:
+    # The web app reads window.POGLY_RUNTIME_CONFIG when its module runs: a config.js tag after the
+    # bundle's script arrives too late, so it does not count as "already loads it".
+    html = ('<html><head><script type="module" src="/assets/index-abc.js"></script>'
+            '<script src="/config.js"></script></head><body></body></html>')
+    patched = inject_config_script(html)
+    assert patched is not None
+    assert patched.index(SCRIPT_TAG) < patched.index("/assets/index-abc.js")
+    assert inject_config_script(patched) is None

@@ -124,38 +124,68 @@ def write_config_js(settings: Settings) -> Path:
     return path
 
 
-class _IndexScanner(HTMLParser):
-    """Finds where to insert the tag, using a real tokenizer so comments and
-    attribute values containing ``<script`` do not fool it."""
+class IndexScripts(HTMLParser):
+    """What an ``index.html`` loads, and where a tag can go: one real tokenizer for both jobs.
+
+    Used to inject the ``config.js`` tag (here) and to tell which web build is
+    served (``webapp``); comments and attribute values containing ``<script``
+    fool neither.  ``config_at``/``bundle_at`` are positions among the script
+    tags: the config only counts when it comes before the bundle's script.
+    """
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.loads_config = False
+        self.config_at: int | None = None  # position among the scripts of the first config.js tag
+        self.bundle_at: int | None = None  # … of the first other script with a src
+        self.sources: list[str] = []  # other scripts and modulepreload links: the bundle's files
+        self._scripts = 0
         self.in_head = False
         self.first_head_script: tuple[int, int] | None = None
         self.head_end: tuple[int, int] | None = None
         self.first_script: tuple[int, int] | None = None
         self.body_start: tuple[int, int] | None = None
 
+    @property
+    def loads_config_first(self) -> bool:
+        """It loads ``config.js``, before any other script with a ``src``."""
+        return self.config_at is not None and (self.bundle_at is None or self.config_at < self.bundle_at)
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
         if tag == "head":
             self.in_head = True
         elif tag == "body" and self.body_start is None:
             self.body_start = self.getpos()
         elif tag == "script":
-            src = dict(attrs).get("src") or ""
-            if loads_config(src):
-                self.loads_config = True
+            src = values.get("src", "").strip()
+            if src and loads_config(src):
+                if self.config_at is None:
+                    self.config_at = self._scripts
+            elif src:
+                self.sources.append(src)
+                if self.bundle_at is None:
+                    self.bundle_at = self._scripts
+            self._scripts += 1
             if self.first_script is None:
                 self.first_script = self.getpos()
             if self.in_head and self.first_head_script is None:
                 self.first_head_script = self.getpos()
+        elif (tag == "link" and "modulepreload" in values.get("rel", "").lower().split()
+              and values.get("href", "").strip()):
+            self.sources.append(values["href"].strip())
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "head" and self.in_head:
             self.in_head = False
             if self.head_end is None:
                 self.head_end = self.getpos()
+
+
+def scan_index(html: str) -> IndexScripts:
+    scanner = IndexScripts()
+    scanner.feed(html)
+    scanner.close()
+    return scanner
 
 
 def _offset(text: str, pos: tuple[int, int]) -> int:
@@ -167,16 +197,14 @@ def _offset(text: str, pos: tuple[int, int]) -> int:
 
 
 def inject_config_script(html: str) -> str | None:
-    """``html`` with the ``config.js`` tag inserted, or ``None`` if it already loads it.
+    """``html`` with the ``config.js`` tag inserted, or ``None`` if it already loads it before the bundle.
 
     Placement: before the first ``<script`` in ``<head>`` so the config exists
     before the app's own code runs; else before ``</head>``; else (no head
     element written out) before the first script, the ``<body>``, or at the end.
     """
-    scanner = _IndexScanner()
-    scanner.feed(html)
-    scanner.close()
-    if scanner.loads_config:
+    scanner = scan_index(html)
+    if scanner.loads_config_first:
         return None
     where = scanner.first_head_script or scanner.head_end or scanner.first_script or scanner.body_start
     at = _offset(html, where) if where else len(html)

@@ -35,14 +35,13 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, Fatal
-from entrypoint.web.config_js import GLOBAL_NAME, SCRIPT_TAG, loads_config
+from entrypoint.web.config_js import GLOBAL_NAME, SCRIPT_TAG, scan_index
 
 log = logs.get("webapp")
 
@@ -177,40 +176,6 @@ def _read_prefix(root: Path, path: Path, limit: int) -> bytes:
 # --------------------------------------------------------------------------- index.html
 
 
-class _IndexScripts(HTMLParser):
-    """The scripts an ``index.html`` loads, in order (a real tokenizer: comments do not count)."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.config_at: int | None = None  # position among the scripts of the first config.js tag
-        self.bundle_at: int | None = None  # … of the first other script with a src
-        self.sources: list[str] = []  # other scripts and modulepreload links: the bundle's files
-        self._scripts = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        if tag == "script":
-            src = values.get("src", "").strip()
-            if src and loads_config(src):
-                if self.config_at is None:
-                    self.config_at = self._scripts
-            elif src:
-                self.sources.append(src)
-                if self.bundle_at is None:
-                    self.bundle_at = self._scripts
-            self._scripts += 1
-        elif (tag == "link" and "modulepreload" in values.get("rel", "").lower().split()
-              and values.get("href", "").strip()):
-            self.sources.append(values["href"].strip())
-
-
-def _index_scripts(html: bytes) -> _IndexScripts:
-    scanner = _IndexScripts()
-    scanner.feed(html.decode("utf-8", "replace"))
-    scanner.close()
-    return scanner
-
-
 def _local_asset(root: Path, src: str) -> Path | None:
     """``src`` from index.html as a path under ``root``, or None for another origin or a data: URL."""
     parts = urlsplit(src)
@@ -295,11 +260,10 @@ def detect(web_root: Path, *, max_file_bytes: int = MAX_FILE_BYTES, max_total_by
             original = None
         if original is not None and served.replace(SCRIPT_TAG.encode(), b"", 1) == original:
             own, patched = original, True
-        scripts = _index_scripts(own)
-        own_loads = scripts.config_at is not None and (scripts.bundle_at is None
-                                                       or scripts.config_at < scripts.bundle_at)
+        scripts = scan_index(own.decode("utf-8", "replace"))
+        own_loads = scripts.loads_config_first
         after_bundle = scripts.config_at is not None and not own_loads
-        served_loads = _index_scripts(served).config_at is not None
+        served_loads = scan_index(served.decode("utf-8", "replace")).config_at is not None
         first = [p for p in (_local_asset(root, s) for s in scripts.sources) if p is not None]
 
     files, notes = _candidates(root, first, max_files)
