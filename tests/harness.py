@@ -34,6 +34,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_readers(*targets: Callable[[], None]) -> list[threading.Thread]:
+    """Start one daemon thread per pipe reader (e.g. stdout's and stderr's); join them after exit."""
+    threads = [threading.Thread(target=target, daemon=True) for target in targets]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``predicate`` (cheaply, backing off) until truthy or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -158,10 +166,7 @@ class Running:
         self.stderr: list[str] = []
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._readers = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for reader in self._readers:
-            reader.start()
+        self._readers = start_readers(self._read, self._read_err)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

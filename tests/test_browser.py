@@ -29,7 +29,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -42,7 +41,7 @@ from entrypoint.spacetimedb.credentials import token_identity
 from entrypoint.spacetimedb.identity import from_claims
 from entrypoint.web import config_js as webconfig
 from tests.browser import webapp
-from tests.harness import REPO, VENV_BIN, Running, base_env
+from tests.harness import REPO, VENV_BIN, Running, base_env, start_readers
 from tests.oidc.fixtures import node_available, node_provider
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -101,10 +100,7 @@ class _Driver:
         )
         self.stderr: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self._readers = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for reader in self._readers:
-            reader.start()
+        self._readers = start_readers(self._read, self._read_err)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

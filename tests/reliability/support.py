@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ENTRYPOINT, REPO, unshare_child, wait_for
+from tests.harness import ENTRYPOINT, REPO, start_readers, unshare_child, wait_for
 
 
 async def get(port: int, path: str, *, headers: dict[str, str] | None = None,
@@ -106,10 +106,7 @@ class FifoRun:
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._threads = start_readers(self._read_out, self._read_err)
 
     def _read_out(self) -> None:
         assert self.reader.stdout is not None
