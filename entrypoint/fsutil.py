@@ -12,14 +12,14 @@ from entrypoint.errors import EXIT_CONFIG, Fatal
 
 SECRET_MODE = 0o600  # tokens, signing keys, the state file: readable by their owner only
 
+_NOT_ALLOWED = ("this user may not write there: fix the volume's owner/permissions (fsGroup) or point "
+                "the variable elsewhere")
 _FIXES = {
     errno.ENOSPC: "the volume is full: free space on it or give it a larger volume",
     errno.EDQUOT: "the disk quota is used up: free space or raise the quota",
     errno.EROFS: "it is read-only: mount a writable volume there or point the variable elsewhere",
-    errno.EACCES: "this user may not write there: fix the volume's owner/permissions (fsGroup) or point "
-                  "the variable elsewhere",
-    errno.EPERM: "this user may not write there: fix the volume's owner/permissions (fsGroup) or point "
-                 "the variable elsewhere",
+    errno.EACCES: _NOT_ALLOWED,
+    errno.EPERM: _NOT_ALLOWED,
 }
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -64,8 +65,7 @@ _SECRET_KEY = re.compile(
 _PEM_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 # From a BEGIN marker to its END marker, or to the end of the text when there is none.
-_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
-                        re.S)
+_PEM_BLOCK = re.compile(rf"{_PEM_BEGIN.pattern}.*?(?:{_PEM_END.pattern}|\Z)", re.S)
 PEM_REDACTED = "-----BEGIN PRIVATE KEY----- [REDACTED]"
 REDACTED = "[REDACTED]"
 
@@ -109,6 +109,23 @@ def redact(text: str) -> str:
     return _KV_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
+def _classify_field_name(key: str) -> tuple[str, bool]:
+    return redact(key), _SECRET_KEY.search(key) is not None
+
+
+_cached_field_name = functools.lru_cache(maxsize=1024)(_classify_field_name)
+
+
+def _field_name(key: str) -> tuple[str, bool]:
+    """``key`` redacted, and whether its values are secrets.
+
+    Memoized for short names: the same few dozen (ours, Caddy's) come back on
+    every line, and each costs three regex passes; long ones (a child could
+    send a new one per line) are not kept.
+    """
+    return _cached_field_name(key) if len(key) <= 64 else _classify_field_name(key)
+
+
 def _redact_secret(value: Any) -> Any:
     if isinstance(value, str):
         return REDACTED if value else value
@@ -123,8 +140,7 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, dict):
         out: dict[Any, Any] = {}
         for key, item in value.items():
-            name = redact(key) if isinstance(key, str) else key
-            secret = isinstance(key, str) and _SECRET_KEY.search(key) is not None
+            name, secret = _field_name(key) if isinstance(key, str) else (key, False)
             out[name] = _redact_secret(item) if secret else _redact_value(item)
         return out
     if isinstance(value, list | tuple):
@@ -134,7 +150,7 @@ def _redact_value(value: Any) -> Any:
 
 def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
-        event[key] = _redact_secret(value) if _SECRET_KEY.search(key) else _redact_value(value)
+        event[key] = _redact_secret(value) if _field_name(key)[1] else _redact_value(value)
     return event
 
 
