@@ -93,6 +93,12 @@ def token_sub(token: str) -> str | None:
     return sub if isinstance(sub, str) else None
 
 
+def stored_token(document: Mapping[str, Any]) -> str | None:
+    """The ``spacetimedb_token`` of a cli.toml document, stripped; None when absent or blank."""
+    token = document.get("spacetimedb_token")
+    return token.strip() if isinstance(token, str) and token.strip() else None
+
+
 def read_cli_toml(path: Path) -> dict[str, Any]:
     """The CLI config as a dict; ``{}`` when absent.
 
@@ -257,9 +263,8 @@ async def ensure_identity(
     config_dir = settings.config_dir
     path = config_dir / CLI_TOML
     existing = read_cli_toml(path)
-    token = existing.get("spacetimedb_token")
-    if isinstance(token, str) and token.strip():
-        token = token.strip()
+    token = stored_token(existing)
+    if token is not None:
         try:
             identity = token_identity(token)
             sub = token_sub(token)
@@ -306,5 +311,5 @@ async def ensure_identity(
 
 __all__ = [
     "LOCAL_NICKNAME", "Publisher", "cli_document", "ensure_identity", "link_cli_config",
-    "read_cli_toml", "token_claims", "token_identity", "token_rejected", "token_sub", "write_cli_toml",
+    "read_cli_toml", "stored_token", "token_claims", "token_identity", "token_rejected", "token_sub", "write_cli_toml",
 ]

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, Fatal
-from entrypoint.spacetimedb.identity import from_claims
+from entrypoint.spacetimedb.identity import from_claims, normalize_hex
 from entrypoint.spacetimedb.ownership import (
     CLAIMED,
     NOT_POGLY,
@@ -80,7 +80,6 @@ EXIT_NOT_POGLY = 65  # sysexits EX_DATAERR: the database is not what the command
 NOT_PUBLISHED = "not-published"
 MAX_CLAIM_BYTES = 128  # SpacetimeDB's limit for iss and sub
 ATTEMPTS = 2  # one retry when the read-back shows a concurrent change
-_IDENTITY_ARG = re.compile(r"(?:0[xX])?([0-9a-fA-F]{64})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TIMEOUT = 10.0
 
@@ -129,13 +128,13 @@ def resolve_target(settings: Settings, *, sub: str | None, issuer: str | None, i
     if identity is not None:
         if sub is not None or issuer is not None:
             raise OwnerError(EXIT_CONFIG, "--identity cannot be combined with --sub or --issuer")
-        match = _IDENTITY_ARG.fullmatch(identity.strip())
-        if not match:
+        try:
+            return Target(normalize_hex(identity))
+        except ValueError:
             raise OwnerError(EXIT_CONFIG, f"--identity {identity!r} is not a SpacetimeDB identity: give 64 hex digits, "
                                           "optionally prefixed with 0x (`pogly-entrypoint owner show` lists "
                                           "connected guests' identities; `pogly-entrypoint identity --sub S` "
-                                          "prints an OIDC subject's)")
-        return Target(match.group(1).lower())
+                                          "prints an OIDC subject's)") from None
     if sub is None:
         raise OwnerError(EXIT_CONFIG, "give --sub SUB [--issuer ISSUER] or --identity HEX")
     sub = _claim_value("--sub", sub)
@@ -165,7 +164,7 @@ def selected_modules(settings: Settings, module: str | None) -> tuple[str, ...]:
 
 def read_publisher(settings: Settings) -> Publisher:
     """The supervisor's publisher identity and token, from ``cli.toml`` on the config volume."""
-    from entrypoint.spacetimedb.credentials import Publisher, read_cli_toml, token_identity
+    from entrypoint.spacetimedb.credentials import Publisher, read_cli_toml, stored_token, token_identity
     from entrypoint.spacetimedb.server import CLI_TOML
 
     path = settings.config_dir / CLI_TOML
@@ -173,13 +172,12 @@ def read_publisher(settings: Settings) -> Publisher:
         document = read_cli_toml(path)
     except Fatal as exc:
         raise OwnerError(exc.exit_code, exc.message) from None
-    token = document.get("spacetimedb_token")
-    if not isinstance(token, str) or not token.strip():
+    token = stored_token(document)
+    if token is None:
         raise OwnerError(EXIT_UNAVAILABLE,
                          f"no publisher token in {path}: `pogly-entrypoint run` has not started here yet, or "
                          "POGLY_CONFIG_DIR differs from the supervisor's. Run this command inside the running "
                          "container (kubectl exec deploy/pogly -- pogly-entrypoint owner …)")
-    token = token.strip()
     try:
         return Publisher(token_identity(token), token)
     except ValueError as exc:
@@ -280,6 +278,11 @@ class ModuleReport:
                 return float(value)
         return None
 
+    def settled_for(self, identity: str) -> bool:
+        """``identity`` already is the one owner, with onboarding closed: ``owner set`` has nothing to do."""
+        return (self.owner == identity and self.config_init is not False
+                and self.owner_permissions == [identity])
+
     def problems(self) -> list[str]:
         """What is inconsistent, each with the command that repairs it."""
         found: list[str] = []
@@ -303,8 +306,11 @@ class ModuleReport:
         return data
 
 
-async def inspect(link: Link, module: str) -> ModuleReport:
-    """Read one module's ownership; ``OwnerError`` only when SpacetimeDB itself cannot be used."""
+async def inspect(link: Link, module: str, *, full: bool = True) -> ModuleReport:
+    """Read one module's ownership; ``OwnerError`` only when SpacetimeDB itself cannot be used.
+
+    ``full=False`` (``owner set``'s read-back) skips the connected guests and the state file record.
+    """
     import httpx
 
     from entrypoint.spacetimedb.api import describe_error
@@ -314,7 +320,7 @@ async def inspect(link: Link, module: str) -> ModuleReport:
     try:
         current = await read_ownership(run_sql)
         holders = await owner_permissions(run_sql)
-        guests = await _guests(run_sql)
+        guests = await _guests(run_sql) if full else []
     except Unsupported as exc:
         return ModuleReport(module, NOT_POGLY, reason=str(exc))
     except SqlError as exc:
@@ -325,7 +331,7 @@ async def inspect(link: Link, module: str) -> ModuleReport:
         raise link.refused(module, exc) from None
     except httpx.TransportError as exc:
         raise _unreachable(link.settings, describe_error(exc)) from None
-    recorded = module_state(link.settings.config_dir, module).get(STATE_KEY)
+    recorded = module_state(link.settings.config_dir, module).get(STATE_KEY) if full else None
     return ModuleReport(module, CLAIMED if current.claimed else UNCLAIMED, owner=current.owner,
                         server=current.server, config_init=current.config_init, owner_permissions=holders,
                         guests=guests, record=dict(recorded) if isinstance(recorded, Mapping) else {})
@@ -374,18 +380,21 @@ async def apply(link: Link, report: ModuleReport, target: Target) -> SetResult:
     run_sql = link.sql_fn(report.module)
     result = SetResult(report.module, report.owner, target.identity, report.state == CLAIMED)
     current = report
+    if current.settled_for(target.identity):
+        return result
     for attempt in range(1, ATTEMPTS + 1):
         close = current.config_init is False
         if current.owner != target.identity or close:
             await run_sql(owner_update(target.identity, close_onboarding=close))
             result.config_init_closed |= close
-        result.permission_inserted |= await ensure_owner_permission(run_sql, target.identity)
+        if target.identity not in current.owner_permissions:
+            result.permission_inserted |= await ensure_owner_permission(run_sql, target.identity)
         for other in current.owner_permissions:
             if other != target.identity:
                 await revoke_owner_permission(run_sql, other)
                 if other not in result.permissions_removed:
                     result.permissions_removed.append(other)
-        current = await inspect(link, report.module)
+        current = await inspect(link, report.module, full=False)
         if current.owner == target.identity and current.owner_permissions == [target.identity]:
             return result
         if attempt == ATTEMPTS:
@@ -515,9 +524,7 @@ async def _apply_logged(link: Link, report: ModuleReport, target: Target) -> Set
         record_owner_set(link.settings.config_dir, report.module, target.identity, previous_owner=report.owner or "",
                          sub=target.sub, iss=target.issuer, now=time.time(), previous=previous)
 
-    changing = (report.owner != target.identity or report.config_init is False
-                or report.owner_permissions != [target.identity])
-    if changing:
+    if not report.settled_for(target.identity):
         record()  # before the first statement: see ownership.record_owner_set
     try:
         result = await apply(link, report, target)

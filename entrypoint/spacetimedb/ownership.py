@@ -470,7 +470,7 @@ class Watcher:
             await self._settle_claimed(current)
             return CLAIMED
         recorded = self._recorded()
-        if recorded.get("state") == "pending":
+        if recorded.get("state") == REC_PENDING:
             # The UPDATE never took effect (crash or refusal before it): nothing to complete.
             log.info("ownership.pending_discarded", module=self.module,
                      identity=recorded.get("owner_identity"),
@@ -584,7 +584,7 @@ class Watcher:
         completes this claim (UPDATE applied) or discards it (not applied).
         """
         update_module_state(self.settings.config_dir, self.module, **{STATE_KEY: {
-            "state": "pending", "owner_identity": winner.identity, "sub": winner.sub, "iss": winner.iss,
+            "state": REC_PENDING, "owner_identity": winner.identity, "sub": winner.sub, "iss": winner.iss,
             "connection_id": winner.connection_id, "iat": winner.iat, "started_at": self.now(),
         }})
         await self.sql_fn(owner_update(winner.identity, replacing=current.server))
@@ -605,11 +605,11 @@ class Watcher:
         ours = recorded.get("owner_identity") == current.owner
         self.status.ownership = CLAIMED
         self.status.owner_identity = current.owner
-        if ours and recorded.get("state") == "pending":
+        if ours and recorded.get("state") == REC_PENDING:
             inserted = await ensure_owner_permission(self.sql_fn, current.owner)
             resumed = not just_claimed
             sub = recorded.get("sub")
-            entry = {**recorded, "state": "claimed", "claimed_at": self.now(), "how": "auto-claim"}
+            entry = {**recorded, "state": REC_CLAIMED, "claimed_at": self.now(), "how": "auto-claim"}
             if resumed:
                 entry["completed_after_interruption"] = True
             update_module_state(self.settings.config_dir, self.module, **{STATE_KEY: entry})
@@ -622,8 +622,8 @@ class Watcher:
                              + ("; completed a claim that was interrupted before its Permissions row"
                                 if resumed else ""))
             return
-        if ours and recorded.get("state") == "claimed":
-            self.status.claimed_by = f"auto-claim sub={recorded.get('sub')}"
+        if ours and recorded.get("state") == REC_CLAIMED:
+            self.status.claimed_by = describe_record(recorded)
             log.info("ownership.owned", module=self.module, identity=current.owner, sub=recorded.get("sub"),
                      how="auto-claim", claimed_at=recorded.get("claimed_at"),
                      message=f"{self.module!r} is owned by {current.owner} (auto-claimed for "
@@ -637,16 +637,16 @@ class Watcher:
                      message=f"{self.module!r} is owned by {current.owner}, set with `pogly-entrypoint owner "
                              "set`; nothing to do")
             return
-        if recorded.get("state") == "pending":
+        if recorded.get("state") == REC_PENDING:
             log.warning("ownership.claimed_elsewhere", module=self.module, identity=current.owner,
                         intended=recorded.get("owner_identity"),
                         message="another owner was set while our claim was in flight; it is left alone")
-        if not (recorded.get("state") == "external" and ours):
-            entry = {"state": "external", "owner_identity": current.owner, "seen_at": self.now()}
+        if not (recorded.get("state") == REC_EXTERNAL and ours):
+            entry = {"state": REC_EXTERNAL, "owner_identity": current.owner, "seen_at": self.now()}
             if recorded:
                 entry["previous"] = recorded
             update_module_state(self.settings.config_dir, self.module, **{STATE_KEY: entry})
-        self.status.claimed_by = "external (not auto-claimed by this entrypoint)"
+        self.status.claimed_by = describe_record({"state": REC_EXTERNAL})
         log.info("ownership.owned", module=self.module, identity=current.owner, how="external",
                  message=f"{self.module!r} is owned by {current.owner}, set before or outside auto-claim; "
                          "nothing to do")
