@@ -47,6 +47,7 @@ from entrypoint.errors import EXIT_CONFIG
 
 PLATFORMS = ("twitch", "youtube", "kick")
 LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 PUBLIC_API_MODES = ("minimal", "full")
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
@@ -202,6 +203,13 @@ def _host_port(text: str, var: Variable) -> HostPort:
         raise Invalid("must be host:port, e.g. 127.0.0.1:3000 or [::1]:3000 "
                       "(host: an IP address or a DNS name; port: 1-65535)")
     return parsed
+
+
+def _log_level(text: str, var: Variable) -> str:
+    """A level name, or "" (unset): then ``DEBUG_MODE`` decides, as in the seed."""
+    if text and text.lower() not in LOG_LEVELS:
+        raise Invalid(f"must be one of {', '.join(LOG_LEVELS)} (or unset: info, debug with DEBUG_MODE)")
+    return text.lower()
 
 
 def _text(text: str, var: Variable) -> str:
@@ -377,6 +385,10 @@ VARIABLES: tuple[Variable, ...] = (
              doc="seconds to wait for another process to release the database lock"),
     Variable("LOG_FORMAT", "log_format", "auto", _one_of(*LOG_FORMATS),
              doc="`json`, `console`, or `auto` (JSON unless stdout is a TTY)"),
+    Variable("LOG_LEVEL", "log_level", "", _log_level, shown_default="`info` (`debug` with `DEBUG_MODE`)",
+             doc="our own verbosity: `debug`, `info`, `warning`, `error`; children's lines are not filtered"),
+    Variable("POGLY_PUBLIC_METRICS", "public_metrics", "false", _boolean,
+             doc="also serve `/metrics` on the public port (it is always on `POGLY_HEALTH_ADDR`)"),
 )
 
 VARIABLE: dict[str, Variable] = {var.name: var for var in VARIABLES}
@@ -419,6 +431,8 @@ class Settings:
     start_timeout: float = DEFAULTS["start_timeout"]
     lock_wait: float = DEFAULTS["lock_wait"]
     log_format: str = DEFAULTS["log_format"]
+    log_level: str = DEFAULTS["log_level"]
+    public_metrics: bool = DEFAULTS["public_metrics"]
     public_url: str | None = DEFAULTS["public_url"]
     public_api: str = DEFAULTS["public_api"]
     owner_subjects: tuple[str, ...] = DEFAULTS["owner_subjects"]

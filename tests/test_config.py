@@ -188,6 +188,7 @@ def test_to_json_from_json_round_trip(tmp_path: Path) -> None:
         "POGLY_MODULE_DIR": "/m", "POGLY_RUN_DIR": "/r", "POGLY_SPACETIME_ADDR": "[::1]:3001",
         "POGLY_HEALTH_ADDR": "localhost:8078", "SPACETIME_BIN": str(program), "CADDY_BIN": "/bin/true",
         "POGLY_STOP_TIMEOUT": "10", "POGLY_START_TIMEOUT": "99.5", "POGLY_LOCK_WAIT": "0", "LOG_FORMAT": "JSON",
+        "LOG_LEVEL": "Warning", "POGLY_PUBLIC_METRICS": "true",
     }
     assert set(every_field_changed) == {v.name for v in config.VARIABLES}
     settings = config.load(every_field_changed)
