@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_STAMP := tests/js/node_modules/.installed-stamp
 
-.PHONY: run test lint venv node chromium podman image bench reliability-doc clean
+.PHONY: run test lint venv node chromium podman image bench reliability-doc soak clean
 
 # $(call apt_install,PACKAGES): install Debian packages, through sudo unless
 # already root.  `env` is a command, so DEBIAN_FRONTEND reaches apt-get both
@@ -80,6 +80,13 @@ bench: venv node
 # run in `make test`.
 reliability-doc: venv
 	$(BIN)/pytest tests/reliability; rc=$$?; $(BIN)/python bench/reliability_table.py && exit $$rc
+
+# Chaos for a while with the entrypoint as PID 1 (root; bench/soak.py): random child SIGKILLs, OIDC
+# provider flaps, concurrent readers and an acknowledged-writes writer; then the books are checked (exit 0,
+# no leftovers, flat descriptors and memory, every acknowledged write present).  Not part of `make test`.
+DURATION ?= 5m
+soak: venv node
+	$(BIN)/python bench/soak.py --duration $(DURATION) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules .local

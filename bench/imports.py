@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procfs, report
-from bench.harness import REPO, Boot, ready_checks, wait_ready
+from bench.harness import Boot, ready_checks, wait_ready
 
 HELPER_RUNS = 3
 NAMED = ("asyncio", "structlog", "httpx", "httpcore", "h11", "anyio", "jinja2", "markupsafe", "tenacity", "ssl",
@@ -79,8 +79,10 @@ def data_groups(named: tuple[str, ...]) -> set[str]:
 
 
 def rss_walk(modules: list[str], env: dict[str, str]) -> list[list[Any]]:
+    from bench.scenarios import source_dir
+
     done = subprocess.run([sys.executable, "-c", HELPER], input=json.dumps(modules), capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+                          env=env, cwd=source_dir(), timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"import helper exited {done.returncode}: {done.stderr[-1000:]}")
     return json.loads(done.stdout)
@@ -97,7 +99,7 @@ def per_group(walk: list[list[Any]]) -> dict[str, float]:
 
 def measure(logs: Path, issuer: str | None = None) -> dict[str, Any]:
     """Boot PID 1 under importtime, then the RSS walks; everything the table needs, as plain data."""
-    from bench.scenarios import IDLE_SETTLE, Subject, prepare
+    from bench.scenarios import IDLE_SETTLE, Subject, prepare, source_dir
 
     subject = Subject("pogly-importtime", "pogly-entrypoint -X importtime",
                       lambda _t: [sys.executable, "-X", "importtime", "-m", "entrypoint", "run"], pogly=True)
@@ -105,7 +107,7 @@ def measure(logs: Path, issuer: str | None = None) -> dict[str, Any]:
         subject.env.update(OIDC_ISSUER="", OIDC_CLIENT_ID="")
     tmp, env = prepare(subject, issuer or "")
     try:
-        with Boot(subject.argv(tmp), env, logs / "importtime.log", split_stderr=True) as boot:
+        with Boot(subject.argv(tmp), env, logs / "importtime.log", split_stderr=True, cwd=source_dir()) as boot:
             ready = wait_ready(boot, ready_checks(int(env["POGLY_HTTP_PORT"]), readyz=True), 60)
             time.sleep(IDLE_SETTLE + 3)  # idle: the lazily imported modules are in
             cut = time.monotonic()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import anchors, imports, report
 from bench.harness import REPO, kill_all
-from bench.scenarios import handler_window, loadavg, run_subject, subjects
+from bench.scenarios import SKIPPABLE, handler_window, loadavg, run_subject, subjects
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-wait", type=float, default=float(os.environ.get("BENCH_QUIET_WAIT", "1800")),
                         help="seconds to wait for the 1-minute load to drop below 1.0 (0: start at once)")
     parser.add_argument("--no-imports", action="store_true", help="skip the import/RSS table")
+    parser.add_argument("--skip", default="", metavar="PARTS",
+                        help=f"comma-separated parts of each run to leave out: {', '.join(SKIPPABLE)} (the idle "
+                             "windows, the SIGKILL of SpacetimeDB, the log burst); a quick look at start and stop")
     args = parser.parse_args(argv)
+    args.skip = frozenset(p for p in args.skip.split(",") if p)
+    if args.skip - set(SKIPPABLE):
+        parser.error(f"--skip {','.join(sorted(args.skip - set(SKIPPABLE)))}: not one of {', '.join(SKIPPABLE)}")
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -115,7 +121,7 @@ def _bench(args: argparse.Namespace, stamp: str, logs: Path) -> int:
                 if run_no > 1 or n > 0:  # each subject's run starts on a quiet machine too, within the budget
                     quiet.setdefault("later", []).append(wait_quiet(max(budget_end - time.monotonic(), 0)))
                 print(f"bench: run {run_no}/{args.runs}: {subject.label} (load {loadavg():.2f})", flush=True)
-                res = run_subject(subject, run_no, provider.issuer, logs)
+                res = run_subject(subject, run_no, provider.issuer, logs, args.skip)
                 for error in res["errors"]:
                     print(f"bench:   {subject.label}: {error}", flush=True)
                 results["runs"][subject.name].append(res)

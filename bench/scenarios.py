@@ -112,7 +112,7 @@ def prepare(subject: Subject, issuer: str) -> tuple[Path, dict[str, str]]:
         "BENCH_FLOOD_LINES": str(FLOOD_LINES),
         **subject.env,
     })
-    if os.environ.get("POGLY_BENCH_SRC"):  # measure another checkout of pogly-entrypoint
+    if os.environ.get("POGLY_BENCH_SRC"):  # measure another checkout of pogly-entrypoint (also the cwd: source_dir)
         env["PYTHONPATH"] = os.environ["POGLY_BENCH_SRC"]
     (tmp / "home").mkdir(exist_ok=True)
     if not subject.pogly:
@@ -124,6 +124,16 @@ def prepare(subject: Subject, issuer: str) -> tuple[Path, dict[str, str]]:
         (tmp / "Caddyfile").write_text(caddyfile.replace("# ---- Caddyfile ----", "", 1))
         (run_dir / "config.js").write_text(config_js)
     return tmp, env
+
+
+def source_dir() -> Path:
+    """The checkout whose ``entrypoint/`` is measured: ``POGLY_BENCH_SRC``, else this one.
+
+    Every subject runs with it as the working directory: ``python -m`` puts the working directory
+    first on ``sys.path``, ahead of ``PYTHONPATH``, so from this checkout its own ``entrypoint/``
+    would be measured whatever ``POGLY_BENCH_SRC`` says.
+    """
+    return Path(os.environ.get("POGLY_BENCH_SRC") or REPO)
 
 
 def idle_window(pid: int, seconds: float) -> dict[str, float]:
@@ -232,9 +242,9 @@ def timeline(log_path: Path, launched_wall: float, until: str = "entrypoint.read
             if own:
                 out.setdefault(f"oidc helper: {name}", round((at({"ts": own}) - launched_wall) * 1000, 1))
             label, when = f"oidc helper: {name}, relayed by PID 1", at(event)
-        elif event.get("service") == "caddy" and name == "serving initial configuration":
+        elif event.get("service") == "caddy" and event.get("message") == "serving initial configuration":
             label, when = "caddy: serving initial configuration", float(event.get("child_ts") or at(event))
-        elif event.get("service") == "spacetimedb" and "Starting SpacetimeDB listening" in name:
+        elif event.get("service") == "spacetimedb" and "Starting SpacetimeDB listening" in str(event.get("message")):
             label, when = "spacetimedb: listening", at(event)
         else:
             continue
@@ -263,8 +273,17 @@ def stop_timeline(log_path: Path) -> dict[str, float]:
     return out
 
 
-def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path) -> dict[str, Any]:
-    """One run of one subject: the three boots above.  A scenario the subject cannot do is recorded."""
+#: Parts of a run ``--skip`` may leave out (the boots themselves always run: each needs the one before).
+SKIPPABLE = ("idle", "kill", "relay")
+
+
+def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path,
+                skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """One run of one subject: the three boots above.  A scenario the subject cannot do is recorded.
+
+    ``skip`` leaves out the idle windows, the SIGKILL of SpacetimeDB or the log burst (``SKIPPABLE``):
+    a quicker look at the start and stop times while changing the code.
+    """
     res: dict[str, Any] = {"subject": subject.name, "run": run_no, "load_before": loadavg(), "errors": []}
     tmp, env = prepare(subject, issuer)
     http_port = int(env["POGLY_HTTP_PORT"])
@@ -277,15 +296,17 @@ def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path) -> dict[
     bearer = ""
     try:
         # 1. first boot
-        with Boot(argv, env, logs / f"{stem}-first.log", markers=[b"ownership.owned"]) as boot:
+        with Boot(argv, env, logs / f"{stem}-first.log", markers=[b"ownership.owned"], cwd=source_dir()) as boot:
             ready = wait_ready(boot, checks, READY_TIMEOUT)
             res["ready_first_ms"] = (ready - boot.launched) * 1000
-            time.sleep(IDLE_SETTLE)
-            idle = idle_window(boot.inner_pid, IDLE_WINDOW)
-            res.update(idle_rss_mb=idle["rss_mb"], boot_peak_rss_mb=idle["hwm_mb"], pid1_threads=idle["threads"],
-                       wakeups_unclaimed=idle["wakeups_per_s"], idle_tree_pss_mb=tree_pss_mb(boot),
-                       pid1_comm=(procfs.stat(boot.inner_pid) or {}).get("comm"))
-            if subject.pogly and env["OIDC_ISSUER"]:  # OIDC off: nobody auto-claims, nothing polls
+            if "idle" not in skip:
+                time.sleep(IDLE_SETTLE)
+                idle = idle_window(boot.inner_pid, IDLE_WINDOW)
+                res.update(idle_rss_mb=idle["rss_mb"], boot_peak_rss_mb=idle["hwm_mb"],
+                           pid1_threads=idle["threads"], wakeups_unclaimed=idle["wakeups_per_s"],
+                           idle_tree_pss_mb=tree_pss_mb(boot),
+                           pid1_comm=(procfs.stat(boot.inner_pid) or {}).get("comm"))
+            if subject.pogly and env["OIDC_ISSUER"] and "idle" not in skip:  # OIDC off: nobody auto-claims
                 owner_set(env)
                 boot.wait_marker(b"ownership.owned", 15)
                 time.sleep(IDLE_SETTLE)
@@ -310,28 +331,31 @@ def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path) -> dict[
             res["timeline_first"] = timeline(logs / f"{stem}-first.log", boot.launched_wall)
             res["timeline_stop"] = stop_timeline(logs / f"{stem}-first.log")
         # 2. restart: lost writes, then SIGKILL of SpacetimeDB
-        with Boot(argv, env, logs / f"{stem}-restart.log") as boot:
+        with Boot(argv, env, logs / f"{stem}-restart.log", cwd=source_dir()) as boot:
             ready = wait_ready(boot, checks, READY_TIMEOUT)
             res["ready_restart_ms"] = (ready - boot.launched) * 1000
             rows = sql_values(stdb_port, bearer, "SELECT * FROM Items")
             present = {cell for row in rows for cell in row if isinstance(cell, str)}
             res["writes_present"] = len(present)
             res["writes_lost"] = len(set(acked) - present)
-            res.update(sigkill_spacetimedb(boot, checks, stdb_port))
+            if "kill" not in skip:
+                res.update(sigkill_spacetimedb(boot, checks, stdb_port))
         if subject.pogly:
             res["timeline_restart"] = timeline(logs / f"{stem}-restart.log", boot.launched_wall)
-        # 3. a 200k-line burst from the SpacetimeDB child
-        flood_env = {**env, "SPACETIME_BIN": str(INITS / "flood-spacetime.sh")}
-        begin, end = b"BENCH-FLOOD-BEGIN", b"BENCH-FLOOD-END"
-        with Boot(argv, flood_env, tmp / "flood.log", markers=[begin, end], count=FLOOD_PATTERN) as boot:
-            t_begin = boot.wait_marker(begin, READY_TIMEOUT)
-            t_end = boot.wait_marker(end, 120)
-            received = boot.counted  # the lines that reached the reader (a relay may drop some)
-            res["relay_lines_per_s"] = received / max(t_end - t_begin, 1e-6)
-            res["relay_lines_lost"] = FLOOD_LINES - received
-            wait_ready(boot, checks, READY_TIMEOUT)  # and whatever it does after the burst
-            status = procfs.status(boot.inner_pid) or {}
-            res["relay_peak_rss_mb"] = status.get("VmHWM", 0) / 1024 or None
+        if "relay" not in skip:
+            # 3. a 200k-line burst from the SpacetimeDB child
+            flood_env = {**env, "SPACETIME_BIN": str(INITS / "flood-spacetime.sh")}
+            begin, end = b"BENCH-FLOOD-BEGIN", b"BENCH-FLOOD-END"
+            with Boot(argv, flood_env, tmp / "flood.log", markers=[begin, end], count=FLOOD_PATTERN,
+                      cwd=source_dir()) as boot:
+                t_begin = boot.wait_marker(begin, READY_TIMEOUT)
+                t_end = boot.wait_marker(end, 120)
+                received = boot.counted  # the lines that reached the reader (a relay may drop some)
+                res["relay_lines_per_s"] = received / max(t_end - t_begin, 1e-6)
+                res["relay_lines_lost"] = FLOOD_LINES - received
+                wait_ready(boot, checks, READY_TIMEOUT)  # and whatever it does after the burst
+                status = procfs.status(boot.inner_pid) or {}
+                res["relay_peak_rss_mb"] = status.get("VmHWM", 0) / 1024 or None
     except BenchError as exc:
         res["errors"].append(str(exc))
     finally:

@@ -1,9 +1,12 @@
-"""Command line: ``run`` (default), ``check``, ``render``, ``status``, ``probe``, ``identity``, ``owner``.
+"""Command line: ``run`` (default), ``check``, ``render``, ``status``, ``probe``, ``identity``, ``owner``,
+``backup``, ``restore``.
 
 Exit codes (README, docs/operations.md): 0 requested stop or success; 78 invalid
 configuration; 69 a dependency unavailable past its deadline; a crashed
 child's code or 128+signal; 70 internal error; 1 a failed probe; 65 ``owner
-set`` on a database that is not a Pogly module.
+set`` on a database that is not a Pogly module; ``backup``/``restore``: 65 invalid
+archive, 66 unreadable archive, 69 no supervisor, 73 cannot create the output, 74 I/O
+error, 75 try again (busy, pause expired, container still serving).
 """
 
 from __future__ import annotations
@@ -57,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     oset.add_argument("--issuer", help="with --sub: the 'iss' claim (default: OIDC_ISSUER)")
     oset.add_argument("--module", help="only this database (one of MODULES)")
     oset.add_argument("--json", action="store_true", help="print JSON")
+    bk = sub.add_parser("backup", help="pause SpacetimeDB for about a second and archive both volumes into one "
+                        ".tar.gz (inside the running container); exit 0, 69, 73, 74, 75")
+    bk.add_argument("--to", required=True, metavar="PATH",
+                    help="the archive to write (mode 0600; via PATH.partial and a rename); - : stdout")
+    bk.add_argument("--offline", action="store_true",
+                    help="no supervisor runs (container stopped): copy the volumes as they are")
+    bk.add_argument("--max-pause", type=float, default=300.0, metavar="SECONDS",
+                    help="start SpacetimeDB again after this long whatever happens (default 300; the copy then fails)")
+    rs = sub.add_parser("restore", help="put an archive from `backup` back (the container must not be serving); "
+                        "exit 0, 65, 66, 74, 75")
+    rs.add_argument("archive", help="the .tar.gz written by `pogly-entrypoint backup`")
+    rs.add_argument("--discard-old", action="store_true",
+                    help="remove the previous contents after a successful restore instead of keeping them in "
+                    "<dir>/.pogly-pre-restore-<time>/")
     return parser
 
 
@@ -89,6 +106,8 @@ def main(argv: list[str], pending: list[tuple[int, float]] | None = None) -> int
             return cmd_oidc_check(args.settings, args.timeout)
         if command == "owner":
             return cmd_owner(args)
+        if command in ("backup", "restore"):
+            return cmd_backup_restore(args)
     except KeyboardInterrupt:
         return 130
     return EXIT_SOFTWARE
@@ -125,7 +144,8 @@ def cmd_check() -> int:
     settings = _settings_or_exit()
     from entrypoint import logs
 
-    logs.configure("console" if sys.stdout.isatty() else "json", settings.debug_mode, stream=sys.stderr)
+    logs.configure("console" if sys.stdout.isatty() else "json", settings.debug_mode, stream=sys.stderr,
+                   level=settings.log_level)
     print(json.dumps({"settings": settings.public_view()}, indent=2))
     return asyncio.run(_check(settings))
 
@@ -320,7 +340,7 @@ def cmd_oidc_check(source: str, timeout: float | None) -> int:
     from entrypoint.oidc import check as oidc
     from entrypoint.oidc.errors import OidcError
 
-    logs.configure("json", settings.debug_mode, stream=sys.stderr)
+    logs.configure("json", settings.debug_mode, stream=sys.stderr, level=settings.log_level)
     if not settings.oidc_enabled:  # OIDC off: the supervisor never asks; answer plainly if a person does
         print(json.dumps({"ok": True, "disabled": True,
                           "message": "OIDC_ISSUER and OIDC_CLIENT_ID are empty (OIDC off): nothing to check"}))
@@ -352,6 +372,26 @@ def cmd_identity(sub: str, issuer: str | None) -> int:
         return EXIT_CONFIG
     print(from_claims(issuer, sub))
     return 0
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    """``backup`` / ``restore``: see entrypoint/spacetimedb/backup.py (exit 0, 65, 66, 69, 73, 74, 75, 78)."""
+    from pathlib import Path
+
+    from entrypoint import config
+    from entrypoint.spacetimedb import backup
+
+    try:
+        places = backup.Places.from_env()
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "backup":
+        if not 0 < args.max_pause <= 3600:
+            print("pogly-entrypoint backup: --max-pause: seconds, above 0 and at most 3600", file=sys.stderr)
+            return 2  # a usage error, as argparse reports them
+        return backup.backup(places, args.to, offline=args.offline, max_pause=args.max_pause, err=sys.stderr)
+    return backup.restore(places, Path(args.archive), discard_old=args.discard_old, out=sys.stdout, err=sys.stderr)
 
 
 def cmd_owner(args: argparse.Namespace) -> int:

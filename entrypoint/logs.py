@@ -3,17 +3,34 @@
 Everything the container prints goes through here so that one redaction pass
 covers our own events and every line a child writes: a JWT in a SpacetimeDB
 debug line or a bearer token in a Caddy access log must never reach the log
-collector.  Child output becomes events with ``service`` and ``stream`` so a
-log query can select one child, as supervisord and circus never allowed.
+collector.
+
+Two kinds of lines, one shape (``ts``, ``level``, ``event``, ``service`` first):
+
+- **Our events** have our names (``child.started``, ``entrypoint.ready``…) and
+  are filtered by ``LOG_LEVEL`` (unset: ``debug`` with ``DEBUG_MODE``, else
+  ``info``).
+- **A child's line** is always ``event="child.output"`` (``CHILD_OUTPUT``) with
+  the child's text in ``message``, ``service`` (``spacetimedb``, ``caddy``) and
+  ``stream``; a JSON line's own fields are kept under ``child_fields``.  One
+  stable name, not ``<service>.output``: ``caddy.*`` is a namespace of our own
+  events (``caddy.startup_failed``), and one name lets a query take every
+  child line (``event="child.output"``) or none (``event!="child.output"``).
+  Children's lines are not filtered by ``LOG_LEVEL``: a child has its own
+  verbosity settings, and a line it chose to print is evidence.
+
+``LOG_FORMAT=json`` writes one JSON object per line; ``console`` writes
+``<time> <level> <service> <event or child's text> key=value…``, a multi-line
+value as indented continuation lines, colour only on a terminal.
 
 Three rules keep the log trustworthy when a child (or whoever talks to it)
 is hostile:
 
 - **Children cannot write our keys.**  The top level of a child's event holds
   only keys we set (``ts``, ``level``, ``event``, ``service``, ``stream``,
-  ``pid``); a child's own JSON fields are kept under ``child_fields``, and an
-  event name shaped like ours (``entrypoint.exit``) is prefixed with the
-  child's service, so no child line can pass for one of our events.
+  ``pid``, ``message``); a child's own JSON fields are kept under
+  ``child_fields``, and its text is only ever a ``message``, so no child line
+  can pass for one of our events.
 - **Redaction never hides later lines for long.**  A multi-line private key is
   hidden line by line, but the block ends at its END marker, at the first line
   that cannot be key material, or after ``MAX_KEY_LINES``; a ``BEGIN`` marker
@@ -24,6 +41,13 @@ is hostile:
   (EPIPE), a closed descriptor (EBADF) or a full disk drops lines and counts
   them, and the first loss is reported once on stderr.  A log call never
   raises.
+
+Speed (issue 15: a child's burst must not cost PID 1 its event loop): a child
+line does not go through structlog's processor chain; ``emit`` builds the
+line itself, each regex runs only when a cheap substring test says it could
+match, the timestamp's seconds are formatted once per second, and lines
+written within one event-loop callback go out in ``PIPE_BUF`` chunks rather
+than one ``write()`` each.
 """
 
 from __future__ import annotations
@@ -68,6 +92,7 @@ _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 _PEM_BLOCK = re.compile(rf"{_PEM_BEGIN.pattern}.*?(?:{_PEM_END.pattern}|\Z)", re.S)
 PEM_REDACTED = "-----BEGIN PRIVATE KEY----- [REDACTED]"
 REDACTED = "[REDACTED]"
+UNRENDERABLE = "[fields nested too deeply to show]"
 
 # What a line inside a PEM block can be: base64 (64 columns in PEM, 70 in OpenSSH keys), the two
 # RFC 1421 headers of an encrypted legacy key, or the blank line after them.
@@ -89,9 +114,11 @@ OWN_HELPERS = frozenset({"oidc"})
 # exception of ours.
 RESERVED_KEYS = frozenset({"ts", "level", "event", "service", "stream", "pid", "exc_info", "stack_info",
                            "exception", CHILD_FIELDS})
-# The shape of our event names (``entrypoint.exit``, ``child.started``): a child's message with
-# this shape is prefixed with its service, so it can never be taken for one of ours.
-_EVENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)+")
+# The one event name of every line a child prints (its text is the ``message``): children's words
+# never become event names, so ``event`` in a query always means one of ours or this.
+CHILD_OUTPUT = "child.output"
+# LOG_LEVEL's values, as structlog's numbers; "" (unset) means info, or debug with DEBUG_MODE.
+LEVEL_NUMBERS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
 def redact(text: str) -> str:
@@ -100,13 +127,37 @@ def redact(text: str) -> str:
     A private key is masked from its BEGIN marker to its END marker, or to the
     end of ``text`` when there is no END (the rest of the key follows on later
     lines, which ``LineRedactor`` hides).
+
+    Each pattern runs only when a substring it cannot match without is
+    present (most lines have none, and the regexes are most of a line's cost).
+    The case-insensitive ones are pre-checked on the lower-cased text only
+    when the text is ASCII: there, ``(?i)`` matching is exactly lower-case
+    comparison, while in Unicode ``ſ`` matches ``s`` and ``K`` (Kelvin)
+    matches ``k``, so other text always takes both regexes.
     """
     if "PRIVATE KEY-----" in text:
         text = _PEM_BLOCK.sub(PEM_REDACTED, text)
     if "eyJ" in text:
         text = _JWT.sub(REDACTED, text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _KV_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    if text.isascii():
+        low = text.lower()
+        bearer = "bearer" in low
+        pair = "token" in low or "secret" in low or "password" in low
+    else:
+        bearer = pair = True
+    if bearer:
+        text = _BEARER.sub(_bearer_redacted, text)
+    if pair:
+        text = _KV_SECRET.sub(_pair_redacted, text)
+    return text
+
+
+def _bearer_redacted(m: re.Match[str]) -> str:
+    return f"{m.group(1)} {REDACTED}"
+
+
+def _pair_redacted(m: re.Match[str]) -> str:
+    return f"{m.group(1)}{m.group(2)}{REDACTED}"
 
 
 def _classify_field_name(key: str) -> tuple[str, bool]:
@@ -171,11 +222,110 @@ def _order_keys(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapp
     return ordered
 
 
+def _add_ts(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["ts"] = _now_iso()
+    return event
+
+
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
+def _now_iso() -> str:
+    """Now in UTC, ``2026-12-02T21:03:04.123456Z``; the part up to the seconds is formatted once a second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    # now - whole is exact and below 1 - 2**-22 (the spacing of floats near 2**31), so below 999_999.8 µs
+    return f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+
+
+# ---------------------------------------------------------------------------
+# The console format: for a person at a terminal or reading `kubectl logs`
+# ---------------------------------------------------------------------------
+
+_LEVEL_WIDTH = 7  # "warning"
+_SERVICE_WIDTH = 12  # "module:pogly"
+_INDENT = " " * (24 + 1 + _LEVEL_WIDTH + 1 + _SERVICE_WIDTH + 1)  # continuation lines, under the text
+_RESET = "\x1b[0m"
+_COLOURS = {"debug": "\x1b[2m", "info": "\x1b[32m", "warning": "\x1b[33m", "error": "\x1b[31m",
+            "critical": "\x1b[1;31m"}
+_DIM, _BOLD = "\x1b[2m", "\x1b[1m"
+_SHOWN_ELSEWHERE = frozenset({"ts", "level", "event", "service", "message", "stream", CHILD_FIELDS})
+_CHILD_HIDDEN = _SHOWN_ELSEWHERE | {"pid"}  # the child's PID is in `status`; on every line it is noise
+
+
+def console_line(fields: MutableMapping[str, Any], colors: bool = False) -> str:
+    """One event as a person reads it, redacted values in, newline-terminated text out.
+
+    ``2026-12-02T21:03:04.123Z info    spacetimedb  <text>  key=value…``: time
+    first (milliseconds), then level, service, and our event name (with its
+    ``message``, if any) or, for a child's line, the child's text; then the
+    other fields, a child's own under their names.  A value spanning lines is
+    printed as lines, each continuation indented under the text column, so a
+    multi-line message never looks like a line of its own.  ANSI colour only
+    when ``colors`` (a terminal): levels in colour, names bold, keys dim.
+    """
+    ts = str(fields.get("ts", ""))
+    if len(ts) == 27 and ts.endswith("Z"):  # microseconds → milliseconds
+        ts = ts[:23] + "Z"
+    level = str(fields.get("level", "info"))
+    service = str(fields.get("service", OUR_SERVICE))
+    event = str(fields.get("event", ""))
+    message = fields.get("message")
+    if event == CHILD_OUTPUT:
+        head = str(message) if message is not None else ""
+    elif message is not None and message != "":
+        head = f"{_BOLD}{event}{_RESET}  {message}" if colors else f"{event}  {message}"
+    else:
+        head = f"{_BOLD}{event}{_RESET}" if colors else event
+    parts = [head]
+    hidden = _CHILD_HIDDEN if event == CHILD_OUTPUT else _SHOWN_ELSEWHERE
+    for key, value in fields.items():
+        if key not in hidden:
+            parts.append(_pair(key, value, colors))
+    children = fields.get(CHILD_FIELDS)
+    if isinstance(children, dict):
+        parts.extend(_pair(key, value, colors) for key, value in children.items())
+    elif children is not None:
+        parts.append(_pair(CHILD_FIELDS, children, colors))
+    text = "  ".join(parts)
+    if colors:
+        lvl = f"{_COLOURS.get(level, '')}{level:<{_LEVEL_WIDTH}}{_RESET}"
+        svc = f"{_DIM}{service:<{_SERVICE_WIDTH}}{_RESET}"
+    else:
+        lvl, svc = f"{level:<{_LEVEL_WIDTH}}", f"{service:<{_SERVICE_WIDTH}}"
+    line = f"{ts} {lvl} {svc} {text}"
+    lines = line.splitlines()  # every character a terminal or a viewer may break at, not only \n
+    if len(lines) > 1:
+        line = f"\n{_INDENT}".join(lines)
+    return line + "\n"
+
+
+def _pair(key: Any, value: Any, colors: bool) -> str:
+    if isinstance(value, str):
+        shown = value if value and ("\n" in value or not any(c in value for c in ' "=')) else _dumps(value)
+    else:
+        shown = _dumps(value)
+    return f"{_DIM}{key}={_RESET}{shown}" if colors else f"{key}={shown}"
+
+
+class _ConsoleRenderer:
+    """structlog's last processor for ``LOG_FORMAT=console``: ``console_line`` without the newline."""
+
+    def __init__(self, colors: bool) -> None:
+        self.colors = colors
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
+        return console_line(event, self.colors)[:-1]
+
+
 # ---------------------------------------------------------------------------
 # The writer: never blocks, never raises
 # ---------------------------------------------------------------------------
 
 PENDING_LIMIT = 256 * 1024  # bytes held back while the reader is slow; past this, lines are dropped
+BATCH_BYTES = 16 * 1024  # lines wait for the end of a loop callback until this much is pending
 _PERMANENT = {errno.EPIPE, errno.EBADF, errno.EIO, errno.EINVAL, errno.ENXIO, errno.ECONNRESET}
 
 
@@ -199,6 +349,7 @@ class LogSink:
                  notice_fd: int | None = 2) -> None:
         self._stream = stream
         self._fmt = fmt
+        self._colors = fmt == "console" and self.isatty_of(stream)
         self._limit = pending_limit
         self._notice_fd = notice_fd
         self._lock = threading.Lock()
@@ -209,6 +360,7 @@ class LogSink:
         self.dropped = 0  # lines lost, in total
         self._unannounced = 0  # lines lost since the last logs.dropped line
         self._told_stderr = False
+        self._scheduled: object = None  # the loop whose current callback a drain waits for
         self.fd: int | None
         try:
             self.fd = stream.fileno()
@@ -235,8 +387,12 @@ class LogSink:
         """Called by structlog after every line: nothing is buffered beyond ``pending``."""
 
     def isatty(self) -> bool:
+        return self.isatty_of(self._stream)
+
+    @staticmethod
+    def isatty_of(stream: Any) -> bool:
         with contextlib.suppress(Exception):
-            return bool(self._stream.isatty())
+            return bool(stream.isatty())
         return False
 
     # -- writing ------------------------------------------------------------------
@@ -252,23 +408,51 @@ class LogSink:
             if self.dead is not None:
                 self._lose(1, self.dead)
                 return
-            self._drain()
-            if self.dead is not None:
-                self._lose(1, self.dead)
+            if self._unannounced or len(self._pending) + len(data) > self._limit:
+                self._drain()  # room for this line, or a chance to say what was lost
+                if self.dead is not None:
+                    self._lose(1, self.dead)
+                    return
+            if len(self._pending) + len(data) > self._limit:
+                self._lose(1, "stdout is not being read fast enough")
                 return
-            if self._pending:
-                if len(self._pending) + len(data) > self._limit:
-                    self._lose(1, "stdout is not being read fast enough")
-                else:
-                    self._pending += data
-                return
-            if self._unannounced:
+            if self._unannounced and not self._pending:  # lines flow again: say how many were lost
                 notice = self._dropped_line()
                 if len(notice) + len(data) <= self._limit:
                     self._unannounced = 0
                     data = notice + data
             self._pending += data
-            self._drain()
+            if len(self._pending) >= BATCH_BYTES or not self._defer():
+                self._drain()
+
+    def _defer(self) -> bool:
+        """Write what is pending when the event loop's current callback is done, if this thread runs one.
+
+        A child's burst arrives as 64 KiB reads, hundreds of lines per
+        callback: written at the end of it, they take one ``poll`` and one
+        ``write()`` per ``PIPE_BUF`` instead of per line.  Without a running
+        loop (the CLI, another thread) lines are written at once.
+        """
+        aio = sys.modules.get("asyncio")  # not imported: no loop runs (and importing it costs ~20 ms)
+        if aio is None:
+            return False
+        try:
+            loop = aio.get_running_loop()
+        except RuntimeError:
+            return False
+        if self._scheduled is not loop:  # (a loop that closed before running our drain does not count)
+            loop.call_soon(self._deferred_drain)
+            self._scheduled = loop
+        return True
+
+    def _deferred_drain(self) -> None:
+        try:
+            with self._lock:
+                self._scheduled = None
+                if self.dead is None:
+                    self._drain()
+        except Exception:  # a log line must never take the program down
+            self._lose(1, "unexpected error")
 
     def _drain(self, timeout: float = 0.0) -> None:
         """Write as much of ``pending`` as the reader takes now (or within ``timeout`` seconds)."""
@@ -283,8 +467,16 @@ class LogSink:
                     continue
                 if not events:
                     return  # the reader is not taking more now
+            end = self._chunk
+            if len(self._pending) > end:
+                # Whole lines in each write: one write() of at most PIPE_BUF bytes to a pipe is atomic, so a
+                # line `owner set` writes into our stdout (containerlog.py) lands between two of ours, never
+                # inside one.  Only a single line longer than PIPE_BUF is cut.
+                last = self._pending.rfind(b"\n", 0, end)
+                if last >= 0:
+                    end = last + 1
             try:
-                written = os.write(self.fd, self._pending[: self._chunk])
+                written = os.write(self.fd, self._pending[:end])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -332,7 +524,7 @@ class LogSink:
                   "message": "stdout did not take these log lines (its reader was slow or gone); they are lost"}
         if self._fmt == "json":
             return (_dumps(fields) + "\n").encode()
-        return f"{fields['ts']} [warning  ] logs.dropped lines={self._unannounced}\n".encode()
+        return console_line(fields, self._colors).encode()
 
     def close(self, timeout: float = 1.0) -> None:
         """Write what is still pending, waiting at most ``timeout`` seconds for the reader."""
@@ -344,11 +536,6 @@ class LogSink:
             if self.dead is None and self._pending:
                 with contextlib.suppress(Exception):
                     self._drain(timeout)
-
-
-def _now_iso() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
 _sinks: list[LogSink] = []
@@ -369,30 +556,54 @@ def flush(timeout: float = EXIT_FLUSH_TIMEOUT) -> None:
 atexit.register(flush)
 
 
-def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = None) -> None:
-    """Set up structlog: JSON lines unless ``fmt`` asks for console (or auto on a TTY)."""
+def resolve_level(level: str = "", debug: bool = False) -> str:
+    """Our verbosity: ``LOG_LEVEL`` when set (it wins over ``DEBUG_MODE``), else debug with DEBUG_MODE, else info."""
+    level = level.strip().lower()
+    if level in LEVEL_NUMBERS:
+        return level
+    return "debug" if debug else "info"
+
+
+class _Output:
+    """Where and how child lines are written: what ``configure`` chose, for ``emit``'s direct path."""
+
+    def __init__(self, fmt: str, sink: LogSink, colors: bool) -> None:
+        self.fmt = fmt
+        self.sink = sink
+        self.colors = colors
+
+
+_output: _Output | None = None
+
+
+def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = None, *, level: str = "") -> None:
+    """Set up logging: JSON lines unless ``fmt`` asks for console (or ``auto`` on a TTY).
+
+    ``level`` is ``LOG_LEVEL`` (``settings.log_level``); "" keeps the seed's
+    meaning of ``debug`` (``DEBUG_MODE``): debug when true, info otherwise.
+    Only our own events are filtered; children's lines never are.
+    """
+    global _output
     stream = stream or sys.stdout
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
-    renderer: Any
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        fmt = "console" if LogSink.isatty_of(stream) else "json"
+    colors = fmt == "console" and LogSink.isatty_of(stream)
+    renderer: Any = structlog.processors.JSONRenderer(serializer=_dumps) if fmt == "json" else _ConsoleRenderer(colors)
     sink = LogSink(stream, fmt=fmt)
     _sinks[:] = [sink]
+    _output = _Output(fmt, sink, colors)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            _add_ts,
             _default_service,
             structlog.processors.format_exc_info,
             _redact_processor,
             _order_keys,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(10 if debug else 20),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVEL_NUMBERS[resolve_level(level, debug)]),
         # One write() per line, newline included: print() writes the text and the newline
         # separately, which PYTHONUNBUFFERED (set in the image) turns into two syscalls, so a
         # line `pogly-entrypoint owner set` writes into our stdout could split one of ours.
@@ -401,7 +612,12 @@ def configure(fmt: str = "auto", debug: bool = False, stream: TextIO | None = No
     )
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode  # built once: json.dumps builds one a call
+
+
 def _dumps(obj: Any, **kwargs: Any) -> str:
+    if not kwargs:
+        return _encode(obj)
     kwargs.setdefault("default", str)
     return json.dumps(obj, ensure_ascii=False, **kwargs)
 
@@ -419,7 +635,7 @@ class LineRedactor:
     """Per-stream redaction state: hides the lines of a multi-line private key.
 
     Only the state that spans lines lives here; tokens within a line are masked
-    by ``_redact_processor``, which every event (ours and children's) passes.
+    when the line is written (``emit`` for a child's, ``_redact_processor`` for ours).
 
     A block starts at a line with a ``BEGIN … PRIVATE KEY`` marker and no END
     (unless the line is a JSON object: a key inside JSON is on one line, and a
@@ -455,6 +671,8 @@ class LineRedactor:
                 self._leave(f"limit of {self.max_lines} lines / {self.max_bytes} bytes")
             else:
                 self._leave("a line that is not key material")
+        if "PRIVATE KEY-----" not in line:  # what _PEM_BEGIN needs, found without a regex
+            return line
         begin = _PEM_BEGIN.search(line)
         if begin is None or _is_json_object(line):
             return line  # a JSON line's values are redacted one by one once it is parsed
@@ -478,76 +696,167 @@ def _is_json_object(line: str) -> bool:
         return False
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
 def decode_line(raw: bytes, truncated: bool = False) -> str:
     """Bytes from a child → printable text: UTF-8 with replacement, no ANSI, bounded."""
     text = raw.decode("utf-8", errors="replace").rstrip("\r")
-    text = _ANSI.sub("", text)
+    if "\x1b" in text:  # every escape sequence starts with ESC
+        text = _ANSI.sub("", text)
     if len(text) > MAX_LINE:
         text, truncated = text[:MAX_LINE], True
     return text + TRUNCATED if truncated else text
 
 
-def _child_event_name(service: str, message: str) -> str:
-    """A child's message as an event name that can never be one of ours."""
-    if service in OWN_HELPERS or not _EVENT_NAME.fullmatch(message):
-        return message
-    return f"{service}: {message}"
-
-
 def child_event(service: str, stream: str, text: str) -> tuple[str, dict[str, Any]]:
     """Turn one child line into ``(level, fields)`` for the log.
 
-    JSON lines (Caddy) give the event and level: their ``msg`` (else
-    ``event``/``message``) becomes the event, their level is mapped, and every
+    A child's line is ``event="child.output"`` with its text in ``message``,
+    whatever the text says, so a child can never log under one of our event
+    names.  JSON lines (Caddy) give the text and level: their ``msg`` (else
+    ``event``/``message``) is the message, their level is mapped, and every
     other field of theirs is kept under ``child_fields`` (their ``ts`` too), so
-    a child can never set a key of ours.  Our own helper processes
-    (``OWN_HELPERS``) are relayed as our events: their fields stay at the top
-    level, except the reserved ones.  Plain lines (SpacetimeDB's tracing
+    a child can never set a key of ours.  Plain lines (SpacetimeDB's tracing
     output) get a level guessed from the usual ``INFO``/``WARN``/``ERROR``
-    markers.  Either way, a message shaped like one of our event names is
-    prefixed with the service (``caddy: entrypoint.exit``).
+    markers.  Our own helper processes (``OWN_HELPERS``) are the exception:
+    their JSON lines are our events, relayed with their names, their fields at
+    the top level except the reserved ones.
     """
-    fields: dict[str, Any] = {"service": service, "stream": stream}
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses: plain text
             data = None
         if isinstance(data, dict):
             level = _LEVELS.get(str(data.pop("level", "info")).lower(), "info")
             # Caddy says "msg"; our own helper processes "event" (their "message" is a field).
             message = data.pop("msg", None) or data.pop("event", None) or data.pop("message", None) or ""
             if service in OWN_HELPERS:
+                fields: dict[str, Any] = {"service": service, "stream": stream, "event": str(message)}
                 if data.get("service") == OUR_SERVICE:  # how our helper names itself
                     data.pop("service")
                 reserved = {k: data.pop(k) for k in list(data) if k in RESERVED_KEYS}
                 fields.update(data)
                 if reserved:
                     fields[CHILD_FIELDS] = reserved
-            elif data:
+                return level, fields
+            fields = {"service": service, "stream": stream, "event": CHILD_OUTPUT, "message": str(message)}
+            if data:
                 fields[CHILD_FIELDS] = data
-            fields["event"] = _child_event_name(service, str(message))
             return level, fields
-    fields["event"] = _child_event_name(service, text)
-    return _guess_level(text), fields
+    return _guess_level(text), {"service": service, "stream": stream, "event": CHILD_OUTPUT, "message": text}
 
 
 _LEVEL_WORD = re.compile(r"\b(TRACE|DEBUG|INFO|WARN|WARNING|ERROR|PANIC|FATAL)\b")
 
 
+# The same words without the leading \b: a pattern that starts with literals lets the regex engine skip
+# ahead to their first letters, about 4x faster; each candidate is then checked with the full pattern.
+_LEVEL_CANDIDATE = re.compile(r"(?:TRACE|DEBUG|INFO|WARN|WARNING|ERROR|PANIC|FATAL)\b")
+
+
 def _guess_level(text: str) -> str:
+    """``error`` for ``Error: …``, else the first ``INFO``/``WARN``/… word in the first 80 characters, else info.
+
+    Exactly ``_LEVEL_WORD.search(text[:80])``: a match of it starts where a
+    candidate does and ``_LEVEL_WORD`` matches there.
+    """
     if text.startswith("Error:"):
         return "error"
-    match = _LEVEL_WORD.search(text[:80])
-    return _LEVELS.get(match.group(1).lower(), "info") if match else "info"
+    head = text[:80]
+    pos = 0
+    while (candidate := _LEVEL_CANDIDATE.search(head, pos)) is not None:
+        match = _LEVEL_WORD.match(head, candidate.start())
+        if match is not None:
+            return _LEVELS.get(match.group(1).lower(), "info")
+        pos = candidate.start() + 1
+    return "info"
 
 
 def emit(level: str, fields: dict[str, Any]) -> None:
-    """Log a child event produced by ``child_event``."""
-    fields = dict(fields)
-    event = fields.pop("event")
-    getattr(structlog.get_logger(fields.get("service", "child")), level)(event, **fields)
+    """Log a child event produced by ``child_event``; never raises.
+
+    A child's line (``child.output``) is built and written here, not by
+    structlog's processor chain: the same keys in the same order, the same
+    redaction (``message`` and every field by ``_redact_value``, a field
+    named like a secret by ``_redact_secret``), at a fraction of the cost,
+    and not filtered by ``LOG_LEVEL``.  Our helpers' events go through
+    structlog like ours.
+    """
+    output = _output
+    if fields.get("event") != CHILD_OUTPUT or output is None:
+        fields = dict(fields)
+        event = fields.pop("event")
+        getattr(structlog.get_logger(fields.get("service", "child")), level)(event, **fields)
+        return
+    try:
+        text = _plain_child_json(level, fields) if output.fmt == "json" else None
+        if text is None:
+            line = _child_line(level, fields)
+            text = _child_json(line) if output.fmt == "json" else console_line(line, output.colors)
+    except Exception:  # nested too deeply to redact or render: the line without its fields, never an exception
+        line = {"ts": _now_iso(), "level": level, "event": CHILD_OUTPUT, "service": str(fields.get("service")),
+                "stream": str(fields.get("stream")), "message": redact(str(fields.get("message", ""))),
+                CHILD_FIELDS: UNRENDERABLE}
+        text = _dumps(line) + "\n" if output.fmt == "json" else console_line(line, output.colors)
+    output.sink.write(text)
+
+
+def _child_line(level: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A child's line as the dict we write: our keys in our order, every value of the child's redacted."""
+    line: dict[str, Any] = {"ts": _now_iso(), "level": level, "event": CHILD_OUTPUT,
+                            "service": fields.get("service", "child")}
+    known = 2  # "event", "service"
+    for key in _OUR_VALUES:  # values we set ourselves: the stream's name, the child's PID
+        if key in fields:
+            line[key] = fields[key]
+            known += 1
+    message = fields.get("message")
+    if isinstance(message, str):
+        line["message"] = redact(message)
+        known += 1
+    children = fields.get(CHILD_FIELDS)
+    if len(fields) > known + (CHILD_FIELDS in fields):  # anything else someone added: redacted by its name
+        for key, value in fields.items():
+            if key in _RELAY_KEYS or key in _OUR_VALUES or (key == "message" and isinstance(value, str)):
+                continue
+            name, secret = _field_name(key)
+            line[name] = _redact_secret(value) if secret else _redact_value(value)
+    if children is not None:
+        line[CHILD_FIELDS] = _redact_value(children)
+    return line
+
+
+def _plain_child_json(level: str, fields: dict[str, Any]) -> str | None:
+    """``_child_json(_child_line(level, fields))`` for the usual plain line (``service``, ``stream``, ``pid``,
+    ``message`` and nothing else), written straight into one f-string; None for any other line."""
+    if len(fields) != 5:  # the four and "event"
+        return None
+    service, stream = fields.get("service"), fields.get("stream")
+    pid, message = fields.get("pid"), fields.get("message")
+    if type(service) is not str or type(stream) is not str or type(pid) is not int or type(message) is not str:
+        return None
+    return (f'{{"ts": "{_now_iso()}", "level": {_encode_str(level)}, "event": "{CHILD_OUTPUT}", '
+            f'"service": {_encode_str(service)}, "stream": {_encode_str(stream)}, "pid": {pid}, '
+            f'"message": {_encode_str(redact(message))}}}\n')
+
+
+def _child_json(line: dict[str, Any]) -> str:
+    """``_dumps(line) + "\\n"``, the same text, a few µs sooner: strings and ints written directly.
+
+    ``encode_basestring`` is the C function ``json.dumps(ensure_ascii=False)``
+    itself uses for every string; anything else goes through ``_dumps``.
+    """
+    parts = []
+    for key, value in line.items():
+        kind = type(value)
+        shown = _encode_str(value) if kind is str else str(value) if kind is int else _dumps(value)
+        parts.append(f"{_encode_str(key)}: {shown}")
+    return "{" + ", ".join(parts) + "}\n"
+
+
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_RELAY_KEYS = frozenset({"ts", "level", "event", "service", CHILD_FIELDS})
+_OUR_VALUES = ("stream", "pid")

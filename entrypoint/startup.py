@@ -7,6 +7,7 @@
     run()      ── no asyncio yet: SpacetimeDB takes longest to be ready and need not wait ~80 ms for imports ──
       ├─ become the reaper: PID 1 by nature, else PR_SET_CHILD_SUBREAPER
       ├─ SpacetimeDB spawned (prespawn; skipped when a signal already came or a volume looks unusable)
+      ├─ the `oidc-check` helper spawned too (its imports overlap ours; skipped with OIDC off or any doubt)
       └─ logging → event loop
     serve()    ── in the loop ──
       ├─ reaper (the one waitpid, SIGCHLD) → services → supervisor → signal handlers (+ the caught ones)
@@ -17,7 +18,8 @@
       │    │              → /v1/ping ready → restart policy
       │    ├─ Caddy: config.js → which web build (webapp.detected) → render → caddy validate (cached)
       │    │         → run → ready → restart policy (exit 1 before ready: fatal)
-      │    ├─ OIDC verdict: `oidc-check` process (fatal if wrong; unreachable → "unverified", re-checked);
+      │    ├─ OIDC verdict: the `oidc-check` process (adopted if prespawned; its answer read as soon as it
+      │    │               is printed; fatal if wrong; unreachable → "unverified", re-checked);
       │    │               OIDC off (both variables empty) → "disabled", nothing checked
       │    ├─ lifecycle: once SpacetimeDB is ready → identity → publish → module logs, ownership,
       │    │             and every module re-checked after each SpacetimeDB restart
@@ -46,12 +48,16 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
+from entrypoint.oidc import helper as oidc_helper
 from entrypoint.spacetimedb.server import prespawn
 from entrypoint.supervision.spawn import become_subreaper
 from entrypoint.version import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from entrypoint.config import Settings
+    from entrypoint.oidc.helper import Spawned
     from entrypoint.supervision.status import Status
     from entrypoint.web.health import HealthServer
 
@@ -65,21 +71,24 @@ def run(settings: Settings, pending: list[tuple[int, float]]) -> NoReturn:
     # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and
     # the supervisor cost ~80 ms of imports that it need not wait for.
     early = None if pending else prespawn(settings)
+    # Then the OIDC check: its helper spends ~150 ms importing, better beside our imports than after them.
+    oidc_early = None if pending else oidc_helper.prespawn(settings)
     import asyncio
 
     from entrypoint import logs
 
-    logs.configure(settings.log_format, settings.debug_mode)
-    asyncio.run(serve(settings, pending, early, role))
+    logs.configure(settings.log_format, settings.debug_mode, level=settings.log_level)
+    asyncio.run(serve(settings, pending, early, role, oidc_early))
     raise AssertionError("serve() exits the process")  # pragma: no cover
 
 
-async def serve(settings: Settings, pending: list[tuple[int, float]], early: Early | None, role: str) -> NoReturn:
+async def serve(settings: Settings, pending: list[tuple[int, float]], early: Early | None, role: str,
+                oidc_early: Spawned | None = None) -> NoReturn:
     """The event loop's part of the story: supervise until stopped, then exit at once."""
     import asyncio
     import signal
 
-    from entrypoint import logs
+    from entrypoint import control, logs
     from entrypoint.oidc import verdict
     from entrypoint.spacetimedb import lifecycle
     from entrypoint.spacetimedb.service import SpacetimeService
@@ -95,7 +104,8 @@ async def serve(settings: Settings, pending: list[tuple[int, float]], early: Ear
         log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
                     "orphans of our children will not be reaped by us")
     loop = asyncio.get_running_loop()
-    reaper = Reaper(expected=(early[0],) if early else ())
+    prespawned = [child for child in (early and early[0], oidc_early and oidc_early.pid) if child]
+    reaper = Reaper(expected=tuple(prespawned))  # theirs are not orphans' exits, whenever they come
     reaper.install(loop)
 
     status = Status()
@@ -105,19 +115,38 @@ async def serve(settings: Settings, pending: list[tuple[int, float]], early: Ear
     if early is not None:
         spacetime.adopt(early)  # from here on a stop stops it, whenever it comes
     supervisor = Supervisor(status, [spacetime, caddy], reaper, stop_timeout=settings.stop_timeout)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, supervisor.request_stop, sig)
-    for sig, at in pending:  # caught by __main__ before the loop existed; the budget counts from then
+    oidc_prespawned = verdict.Prespawned(oidc_early) if oidc_early is not None else None
+
+    def request_stop(sig: int, at: float | None = None) -> None:
+        if oidc_prespawned is not None:
+            oidc_prespawned.drop()  # a stop before the OIDC check began: the prespawned helper goes at once
         supervisor.request_stop(sig, at=at)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop, sig)
+    for sig, at in pending:  # caught by __main__ before the loop existed; the budget counts from then
+        request_stop(sig, at=at)
     pending.clear()
 
+    def first() -> None:
+        try:
+            prepare_dirs(settings)
+        except Fatal:
+            if oidc_prespawned is not None:
+                oidc_prespawned.drop()  # nothing else starts, the OIDC check included
+            raise
+
     modules_ready, oidc_checked = asyncio.Event(), asyncio.Event()
-    health = Health(settings, status)
+    health = Health(settings, status, refresh=spacetime.check_answering)
     code = await supervisor.run(
-        first=lambda: prepare_dirs(settings),
+        first=first,
         jobs={
-            "oidc": lambda: verdict.settle(settings, status, reaper, oidc_checked),
+            "oidc": lambda: verdict.settle(settings, status, reaper, oidc_checked, early=oidc_prespawned),
             "lifecycle": lambda: lifecycle.run(settings, status, spacetime, modules_ready),
+            # `pogly-entrypoint backup` pauses SpacetimeDB through it (entrypoint/control.py).
+            "control": lambda: control.ControlServer(control.socket_path(settings.run_dir), status,
+                                                     {"spacetimedb": spacetime}, ready=modules_ready,
+                                                     start_timeout=settings.start_timeout).serve(),
             # Last: tasks take their first step in creation order, so both children (and the caddy
             # validate / oidc-check helpers) are spawned before the health server's imports.
             "health": health.start,
@@ -155,16 +184,18 @@ def prepare_dirs(settings: Settings) -> None:
 class Health:
     """The health server: started last in the task group, closed last, so probes see the whole shutdown."""
 
-    def __init__(self, settings: Settings, status: Status) -> None:
+    def __init__(self, settings: Settings, status: Status,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.status = status
+        self.refresh = refresh  # asked before /readyz and /status: is a ready SpacetimeDB still answering?
         self.server: HealthServer | None = None
 
     async def start(self) -> None:
         from entrypoint.web.health import HealthServer
 
         addr = self.settings.health_addr
-        server = HealthServer(self.status, addr.host, addr.port)
+        server = HealthServer(self.status, addr.host, addr.port, refresh=self.refresh)
         try:
             await server.start()
         except OSError as exc:

@@ -24,7 +24,8 @@ What is checked here, and how:
   objects have no schema there: an ``HTTPRoute`` is checked against
   :data:`HTTPROUTE_SCHEMA`, written here from the Gateway API v1 spec for the
   fields we use (unknown fields are errors too), plus the spec's CEL rules
-  that touch those fields, checked explicitly.
+  that touch those fields, checked explicitly.  The Prometheus Operator's
+  ``PodMonitor`` likewise, against :data:`PODMONITOR_SCHEMA`.
 * Invariants of the built output that the seed guide got wrong: one replica,
   ``Recreate``, probes on ``/readyz``/``/livez``, both volumes at the
   settings' default paths, grace period above the stop timeout, an
@@ -768,7 +769,50 @@ def httproute_problems(route: dict[str, Any]) -> list[str]:
     return problems
 
 
+# From the Prometheus Operator's monitoring.coreos.com/v1 PodMonitor CRD (PodMonitorSpec,
+# PodMetricsEndpoint, Duration): only the fields our PodMonitor uses; unknown fields are errors.
+_PROM_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                                r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+PODMONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {
+            "type": "object", "additionalProperties": False, "required": ["name"],
+            "properties": {"name": {**_OBJECT_NAME, "pattern": _DNS_SUBDOMAIN}, "namespace": _NAMESPACE,
+                           "labels": _STRING_MAP, "annotations": _STRING_MAP},
+        },
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector"],
+            "properties": {
+                "selector": {"type": "object", "additionalProperties": False,
+                             "properties": {"matchLabels": _STRING_MAP}},
+                "podMetricsEndpoints": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"port": {"type": "string", "minLength": 1}, "path": {"type": "string"},
+                                   "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                                   "interval": _PROM_DURATION, "scrapeTimeout": _PROM_DURATION},
+                }},
+            },
+        },
+    },
+}
+
+
+def podmonitor_problems(monitor: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(PODMONITOR_SCHEMA)
+    return [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(monitor)]
+
+
 def validate_object(obj: dict[str, Any], where: str) -> None:
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        problems = podmonitor_problems(obj) if obj["kind"] == "PodMonitor" else [f"no check for {obj['kind']}"]
+        if problems:
+            pytest.fail(f"{where}: {obj['kind']}/{obj['metadata'].get('name')}: {problems}")
+        return
     if obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
         problems = httproute_problems(obj) if obj["kind"] == "HTTPRoute" else [f"no check for {obj['kind']}"]
         if problems:
@@ -842,7 +886,7 @@ def test_the_validators_are_strict() -> None:
 
 def test_components_are_kustomize_components() -> None:
     names = sorted(p.name for p in COMPONENTS.iterdir() if p.is_dir())
-    assert names == sorted([*ROUTING, "networkpolicy", "restricted"])
+    assert names == sorted([*ROUTING, "networkpolicy", "podmonitor", "restricted"])
     for name in names:
         kustomization = yaml.safe_load((COMPONENTS / name / "kustomization.yaml").read_text())
         assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
@@ -1141,6 +1185,104 @@ def test_flux_never_prunes_the_namespace_or_the_volumes(variant: Variant) -> Non
             f"{obj['kind']}/{obj['metadata']['name']}: Flux with prune: true would delete it (and the data with it)")
     unprotected = [r for r in built if r not in protected and r["metadata"].get("annotations", {}).get(PRUNE)]
     assert not unprotected, "only the namespace and the volumes are kept from pruning"
+
+
+# ---------------------------------------------------------------------------
+# Metrics: the PodMonitor component
+# ---------------------------------------------------------------------------
+
+PODMONITOR = COMPONENTS / "podmonitor"
+
+
+def build_with_podmonitor(tmp: Path, routing: str, networkpolicy: bool = True) -> list[dict[str, Any]]:
+    """A shipped overlay with ``../../components/podmonitor`` added last (after the NetworkPolicy), as documented."""
+    deploy = copy_deploy(tmp)
+    overlay = deploy / "kubernetes" / "overlays" / routing
+
+    def add(kustomization: dict[str, Any]) -> None:
+        if not networkpolicy:
+            _without_networkpolicy(kustomization)
+            kustomization["patches"] = [p for p in kustomization.get("patches", [])
+                                        if p.get("target", {}).get("kind") != "NetworkPolicy"]
+        kustomization["components"] = [*component_paths(kustomization), "../../components/podmonitor"]
+
+    edit_kustomization(overlay, add)
+    return parse_stream(kustomize_text(overlay))
+
+
+@pytest.mark.parametrize("routing", ROUTING)
+def test_the_podmonitor_component_scrapes_the_public_metrics(tmp_path: Path, routing: str) -> None:
+    built = build_with_podmonitor(tmp_path, routing)
+    for obj in built:
+        validate_object(obj, f"{routing} + podmonitor")
+    monitor = one(built, "PodMonitor")
+    deployment = one(built, "Deployment")
+    pod = pod_spec(deployment)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert endpoint["path"] == "/metrics" and endpoint["port"] in ports
+    assert ports[endpoint["port"]] == settings_default("http_port"), "Caddy's public port, not the loopback health one"
+    # The pod gets POGLY_PUBLIC_METRICS=true, which config.py accepts ...
+    values = settings_of(built)
+    assert values["POGLY_PUBLIC_METRICS"] == "true"
+    settings = config.load({**values, "SPACETIME_BIN": sys.executable, "CADDY_BIN": sys.executable},
+                           which=lambda: ())
+    assert settings.public_metrics is True
+    # ... and with it the rendered Caddyfile sends the public /metrics to the health server.
+    from entrypoint.web import caddy
+
+    assert "@probes path /livez /readyz /metrics" in [line.strip() for line in caddy.render(settings).splitlines()]
+    # The NetworkPolicy still admits the ingress controller first, and now Prometheus's pods on port 80.
+    policy = one(built, "NetworkPolicy")
+    controller, monitoring = policy["spec"]["ingress"]
+    assert {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for peer in controller["from"]} == {CONTROLLER_NAMESPACE[routing]}
+    [peer] = monitoring["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert [(p["protocol"], p["port"]) for p in monitoring["ports"]] == [("TCP", ports[endpoint["port"]])]
+    # Everything else is the overlay as shipped.
+    shipped = build_variant(routing)
+    kinds = sorted(r["kind"] for r in built)
+    assert kinds == sorted([*(r["kind"] for r in shipped), "PodMonitor"])
+
+
+def test_the_podmonitor_component_without_the_network_policy(tmp_path: Path) -> None:
+    built = build_with_podmonitor(tmp_path, "traefik", networkpolicy=False)
+    assert not by_kind(built, "NetworkPolicy")
+    one(built, "PodMonitor")
+    assert settings_of(built)["POGLY_PUBLIC_METRICS"] == "true"
+
+
+def test_the_guide_lists_the_podmonitor_after_the_network_policy() -> None:
+    """docs/deployment.md's components list for it: existing components, podmonitor after networkpolicy."""
+    shown = [b for b in (yaml.safe_load(x) for x in doc_blocks("yaml"))
+             if isinstance(b, dict) and "../../components/podmonitor" in b.get("components", [])]
+    assert len(shown) == 1, "docs/deployment.md, 'Metrics: PodMonitor', shows the components list"
+    components = shown[0]["components"]
+    for component in components:
+        assert (OVERLAY / component / "kustomization.yaml").is_file(), component
+    names = [Path(c).name for c in components]
+    assert names.index("networkpolicy") < names.index("podmonitor")
+
+
+def test_the_podmonitor_schema_is_strict() -> None:
+    monitor = yaml_docs(PODMONITOR / "podmonitor.yaml")[0]
+    assert podmonitor_problems(monitor) == []
+    for change, expected in [
+        (lambda m: m["spec"].update(podMetricEndpoints=[]), "Additional properties"),
+        (lambda m: m["spec"].pop("selector"), "'selector' is a required property"),
+        (lambda m: m["spec"]["podMetricsEndpoints"][0].update(interval="30 seconds"), "does not match"),
+        (lambda m: m["spec"]["podMetricsEndpoints"][0].update(scheme="ftp"), "is not one of"),
+        (lambda m: m.update(apiVersion="monitoring.coreos.com/v1alpha1"), "was expected"),
+    ]:
+        broken = copy.deepcopy(monitor)
+        change(broken)
+        problems = podmonitor_problems(broken)
+        assert any(expected in p for p in problems), (expected, problems)
 
 
 # ---------------------------------------------------------------------------

@@ -128,11 +128,26 @@ def test_readyz_503_while_spacetimedb_restarts_and_livez_stays_200() -> None:
 def test_readyz_503_while_a_module_is_unpublished() -> None:
     async def scenario(server: HealthServer, status: Status) -> None:
         module = status.module("pogly")
-        module.serving, module.publish_result = False, "failed: compile error"
+        module.serving, module.publish_result = False, "pending"
         ready = await get(server, "/readyz")
         assert ready.status_code == 503
-        assert ready.json()["not_ready"] == ["module pogly: failed: compile error"]
-        module.serving = True
+        assert ready.json()["not_ready"] == ["module pogly: pending"]
+        module.serving, module.publish_result = True, "created"
+        assert (await get(server, "/readyz")).status_code == 200
+
+    serve(scenario)
+
+
+def test_readyz_503_after_a_refused_update_although_the_old_module_serves() -> None:
+    """Issue 14: a failed update must be visible to `kubectl rollout status` / `flux --wait` (pod not Ready)."""
+    async def scenario(server: HealthServer, status: Status) -> None:
+        module = status.module("pogly")
+        module.serving, module.publish_result = True, "failed: 400: incompatible schema change"
+        ready = await get(server, "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["not_ready"] == ["module pogly: update failed: 400: incompatible schema change"]
+        assert (await get(server, "/livez")).status_code == 200  # not restarted: the old module keeps running
+        module.publish_result = "unchanged"  # the previous image rolled back
         assert (await get(server, "/readyz")).status_code == 200
 
     serve(scenario)

@@ -99,3 +99,87 @@ def test_check_and_render_commands(tmp_path: Path) -> None:
     assert render.returncode == 0
     assert b"reverse_proxy" in render.stdout and b"window.POGLY_RUNTIME_CONFIG" in render.stdout
     assert not (tmp_path / "run").exists()  # render and check write nothing to the run dir
+
+
+# --------------------------------------------------------------------------- the helper process (issue 15)
+
+ANSWERS_THEN_HANGS = """
+import json, sys, time
+settings = json.load(open(sys.argv[1]))
+sys.stderr.write(json.dumps({"event": "oidc.verified", "level": "info", "issuer": settings["oidc_issuer"]}) + "\\n")
+print(json.dumps({"ok": True, "report": {"issuer": settings["oidc_issuer"]}}), flush=True)
+time.sleep(3600)  # an interpreter slow to tear down: the answer must not wait for it
+"""
+
+REFUSES = """
+import json, sys
+print(json.dumps({"ok": False, "reason": "issuer_mismatch", "message": "the issuer differs"}), flush=True)
+sys.exit(78)
+"""
+
+
+def _fake_helper(monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    from entrypoint.oidc import helper
+
+    monkeypatch.setattr(helper, "command", lambda path, timeout: [sys.executable, "-c", script, str(path)])
+
+
+def test_prespawned_helper_is_adopted_and_its_answer_counts_when_printed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started before the loop (0600 settings file), adopted, answered while it still runs, then cleaned up."""
+    import asyncio
+    import os
+
+    from entrypoint.config import Settings
+    from entrypoint.oidc import helper, verdict
+    from entrypoint.supervision.process import Reaper
+    from tests.harness import wait_for
+
+    _fake_helper(monkeypatch, ANSWERS_THEN_HANGS)
+    monkeypatch.setattr(verdict, "HELPER_EXIT_S", 0.5)  # how long its teardown may take before it is killed
+    settings = Settings(oidc_issuer="https://auth.example.com/application/o/pogly/", oidc_client_id="pogly",
+                        run_dir=tmp_path / "run")
+    early = helper.prespawn(settings)
+    assert early is not None
+    assert early.settings_file.parent == settings.run_dir
+    assert early.settings_file.stat().st_mode & 0o777 == 0o600
+
+    async def main() -> tuple[int, dict[str, object]]:
+        reaper = Reaper(expected=(early.pid,))
+        reaper.install(asyncio.get_running_loop())
+        try:
+            code, answer = await verdict.ask_helper(settings, reaper, 30.0, early=early)
+            os.kill(early.pid, 0)  # still running (its "teardown"): the answer did not wait for its exit
+            await asyncio.to_thread(wait_for, lambda: not early.settings_file.exists(), 20, "the settings file gone")
+            return code, answer
+        finally:
+            reaper.uninstall()
+
+    code, answer = asyncio.run(main())
+    assert (code, answer) == (0, {"ok": True, "report": {"issuer": settings.oidc_issuer}})
+    assert not list(settings.run_dir.glob(".oidc-check-*"))
+
+
+def test_a_refusal_waits_for_the_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from entrypoint.config import Settings
+    from entrypoint.oidc import verdict
+    from entrypoint.supervision.process import Reaper
+
+    _fake_helper(monkeypatch, REFUSES)
+    (tmp_path / "run").mkdir()
+    settings = Settings(oidc_issuer="https://auth.example.com/application/o/pogly/", oidc_client_id="pogly",
+                        run_dir=tmp_path / "run")
+
+    async def main() -> tuple[int, dict[str, object]]:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        try:
+            return await verdict.ask_helper(settings, reaper, 30.0)
+        finally:
+            reaper.uninstall()
+
+    code, answer = asyncio.run(main())
+    assert code == 78 and answer["message"] == "the issuer differs"
+    assert not list(settings.run_dir.glob(".oidc-check-*"))

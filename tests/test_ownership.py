@@ -232,6 +232,81 @@ def test_new_connection_resets_the_backoff(tmp_path: Path) -> None:
     assert sleep.delays == [0.25, 0.5, 1.0, 2.0, 0.25, 0.5, 1.0]
 
 
+def _bell_delays(tmp: Path, ring: Callable[[ownership.ConnectionBell], None] | None, limit: int) -> list[float]:
+    """The pauses of a watcher with a bell on an unclaimed database; ``ring`` is called during the 2nd sleep."""
+    db, bell = FakeDb(), ownership.ConnectionBell()
+    sleep = FakeSleep(limit=limit, on_sleep=lambda n: n == 2 and ring is not None and ring(bell))
+    with capture_logs():
+        asyncio.run(watch(settings_for(tmp), Status(), None, None, "pogly",  # type: ignore[arg-type]
+                          sql_fn=db, sleep=sleep, bell=bell))
+    return sleep.delays
+
+
+def test_with_a_bell_an_idle_watcher_looks_every_10s_and_soon_after_a_connection(tmp_path: Path) -> None:
+    """Issue 15: with the module log ringing on connections, idle looks are 10 s apart (not 2 s)."""
+    assert _bell_delays(tmp_path, None, 4) == [10.0] * 4
+    # A connection line: a look RING_SETTLE later, then again soon (0.25, 0.5, 1, 2, 4 … up to 10 s).
+    settle = ownership.RING_SETTLE
+    assert _bell_delays(tmp_path, lambda bell: bell.line("[OnConnect] New guest connected", {}), 8) == [
+        10.0, 10.0, settle, 0.25, 0.5, 1.0, 2.0, 4.0]
+    # The log stream (re)opened: one look, then idle again (the pause after a rung look is never under 0.25 s).
+    assert _bell_delays(tmp_path, lambda bell: bell.following(), 5) == [10.0, 10.0, settle, 0.25, 9.75]
+
+
+def test_a_rung_bell_ends_a_long_pause_and_the_claim_follows(tmp_path: Path) -> None:
+    db, bell = FakeDb(), ownership.ConnectionBell()
+    sleeps: list[float] = []
+    waiting = asyncio.Event()
+    cancelled: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if seconds < 1.0:
+            return
+        waiting.set()
+        try:
+            await asyncio.Event().wait()  # a pause only the bell can end
+        except asyncio.CancelledError:
+            cancelled.append(seconds)
+            raise
+
+    async def main() -> ModuleStatus:
+        status = Status()
+        task = asyncio.create_task(watch(settings_for(tmp_path), status, None, None, "pogly",  # type: ignore[arg-type]
+                                         sql_fn=db, sleep=sleep, bell=bell))
+        await asyncio.wait_for(waiting.wait(), DEADLINE)
+        looks = len(db.statements)
+        bell.line("some other module line", {"function": "set_layout"})  # not a connection: still waiting
+        await asyncio.sleep(0)
+        assert not task.done() and len(db.statements) == looks
+        alice = db.connect("0a", "alice")
+        bell.line(f"[OnConnect] New guest connected {alice} at 0a!", {"function": "on_connect"})
+        await asyncio.wait_for(task, DEADLINE)
+        return status.module("pogly")
+
+    with capture_logs() as cap:
+        module = asyncio.run(main())
+    assert (module.ownership, module.owner_identity) == ("claimed", from_claims(ISSUER, "alice"))
+    assert cancelled == [10.0]  # the first pause, ended by the bell: the claim did not wait for the next look
+    assert events(cap, "ownership.claimed")[0]["sub"] == "alice"
+
+
+def test_which_module_lines_ring_the_bell() -> None:
+    assert ownership.is_connection_line("[OnConnect] New guest connected c200ab at 0a!", {"function": "on_connect"})
+    assert ownership.is_connection_line("hello", {"function": "client_connected"})
+    assert ownership.is_connection_line("[OnDisconnect] Guest disconnected c200ab at 0a!", {})
+    assert not ownership.is_connection_line("[Init] Server successfully started!", {"function": "init"})
+    assert not ownership.is_connection_line("layout saved", {"function": None})
+    bell = ownership.ConnectionBell()
+    bell.line("layout saved", {})
+    assert bell.answer() is None
+    bell.following()  # the log stream (re)opened: lines written meanwhile are lost, so look once
+    assert bell.answer() == ownership.LOOK and bell.answer() is None
+    bell.following()
+    bell.line("[OnConnect] New guest connected c200ab at 0a!", {"function": "on_connect"})
+    assert bell.answer() == ownership.CONNECTED and bell.answer() is None
+
+
 def test_claim_happy_path_statements_state_and_log(tmp_path: Path) -> None:
     db = FakeDb()
     db.connections.append(("01", payload("anon", "localhost", aud=["spacetimedb"]), from_claims("localhost", "anon")))
@@ -651,6 +726,45 @@ def test_anonymous_first_then_oidc_user_becomes_owner(db: Db, idp: Idp) -> None:
 
 def alice_token_leak(event: dict[str, Any], tab: Browser) -> bool:
     return tab.token is not None and tab.token in json.dumps(event, default=str)
+
+
+def test_the_module_log_rings_the_watcher_when_someone_signs_in(db: Db, idp: Idp) -> None:
+    """The real path (issue 15): the stand-in logs OnConnect, the follower rings, the idle watcher claims.
+
+    Every pause longer than the first never ends by itself here, so only the bell can explain the claim.
+    """
+    from entrypoint.spacetimedb.module_logs import follow_module_logs
+
+    async def sleep(seconds: float) -> None:
+        if seconds <= ownership.POLL_INITIAL:
+            await asyncio.sleep(seconds)
+        else:
+            await asyncio.Event().wait()
+
+    async def main() -> None:
+        status = Status()
+        bell = ownership.ConnectionBell()
+        async with httpx.AsyncClient(base_url=db.base, timeout=10) as client:
+            settings = live_settings(db, idp.issuer)
+            watcher = Watcher(settings, "pogly", ownership.bound_sql(client, db.publisher, "pogly"),
+                              status.module("pogly"), sleep=sleep, bell=bell)
+            stop = asyncio.Event()
+            follower = asyncio.create_task(follow_module_logs(settings, client, db.publisher, "pogly", stop=stop,
+                                                              listener=bell))
+            task = asyncio.create_task(watcher.run())
+            try:
+                # The first look, then one more when the log stream opened (the bell's LOOK): then it waits.
+                await until(lambda: watcher.polls >= 2, "the watcher in a pause that never ends by itself")
+                alice = await sdk_tab(db, idp, "alice")
+                assert await asyncio.wait_for(task, DEADLINE) == "claimed"
+                assert await db.owner() == alice.identity == from_claims(idp.issuer, "alice")
+                await close_all(alice)
+            finally:
+                stop.set()
+                task.cancel()
+                await asyncio.gather(follower, task, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_foreign_issuer_never_becomes_owner(db: Db, idp: Idp, foreign_idp: Idp) -> None:

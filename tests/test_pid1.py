@@ -69,7 +69,7 @@ def test_full_stack_ready_then_sigterm_stops_caddy_first_and_spacetime_with_sigi
     stopped = {e["child"]: e for e in run.find(lambda e: e.get("event") == "child.stopped")}
     assert stopped["caddy"]["exit"] == "exit code 0" and not stopped["caddy"]["killed"]
     assert stopped["spacetimedb"]["exit"] == "exit code 0" and not stopped["spacetimedb"]["killed"]
-    assert run.find(lambda e: e.get("service") == "spacetimedb" and "Shutting down server" in e.get("event", ""))
+    assert run.find(lambda e: e.get("service") == "spacetimedb" and "Shutting down server" in e.get("message", ""))
     assert not pidfile.exists() or pidfile.stat().st_ino == inode  # removed by the server itself, never by us
     assert took < 10
     stopped_cleanly(run)
@@ -245,5 +245,5 @@ exec "{STANDIN}" "$@"
         run.stop()
     text = "\n".join(run.raw)
     assert jwt not in text and "eyJzdWIi" not in text and "MIGHAgEAMBMG" not in text
-    assert run.find(lambda e: e.get("service") == "spacetimedb" and "[REDACTED]" in e.get("event", ""))
-    assert run.find(lambda e: e.get("event") == "bad utf8 \ufffd\ufffd and colour")
+    assert run.find(lambda e: e.get("service") == "spacetimedb" and "[REDACTED]" in e.get("message", ""))
+    assert run.find(lambda e: e.get("message") == "bad utf8 \ufffd\ufffd and colour")

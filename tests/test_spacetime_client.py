@@ -721,7 +721,7 @@ def test_publish_create_skip_update(tmp_path: Path) -> None:
                                                              ("PUT", "/v1/database/second")]
 
 
-def test_update_failure_keeps_serving(tmp_path: Path) -> None:
+def test_update_failure_keeps_the_old_module_but_is_not_ready(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
     pub = Publisher(*reversed(mock.issue()))
@@ -733,18 +733,22 @@ def test_update_failure_keeps_serving(tmp_path: Path) -> None:
     with capture_logs() as logs:
         status = _publish(mock, settings, pub)
     info = status.module("pogly")
-    assert info.serving is True
+    assert info.serving is True  # the previous module still runs inside SpacetimeDB
     assert info.publish_result == "failed: 400: Error: incompatible schema change: column removed"
     assert info.published_hash == old_hash
+    # ... but the container is not ready: /readyz 503 is what `flux --wait` and rollouts see.
+    assert [r for r in status.not_ready() if r.startswith("module ")] == [
+        "module pogly: update failed: 400: Error: incompatible schema change: column removed"]
     failed = [e for e in logs if e["event"] == "publish.failed"]
     assert len(failed) == 1 and failed[0]["log_level"] == "error"
     assert "incompatible schema change" in failed[0]["server_message"]
+    assert "not ready" in failed[0]["message"]
     # the state still holds the old hash, so the next start retries the update
     state = json.loads((settings.config_dir / "pogly-entrypoint.json").read_text())
     assert state["modules"]["pogly"]["hash"] == old_hash
 
 
-def test_update_failure_after_retries_keeps_serving(tmp_path: Path) -> None:
+def test_update_failure_after_retries_is_not_ready(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
     pub = Publisher(*reversed(mock.issue()))
@@ -754,6 +758,7 @@ def test_update_failure_after_retries_keeps_serving(tmp_path: Path) -> None:
     status = _publish(mock, settings, pub)
     assert status.module("pogly").serving is True
     assert status.module("pogly").publish_result.startswith("failed: ")
+    assert any(r.startswith("module pogly: update failed: ") for r in status.not_ready())
 
 
 def test_first_publish_failure_is_fatal(tmp_path: Path) -> None:

@@ -5,13 +5,17 @@ as the container runs, so ``kubectl logs`` shows what the Pogly module says
 next to what SpacetimeDB and Caddy say.  SpacetimeDB restarts cut the stream;
 the follower reconnects with pauses from the one backoff (``delays()``) and
 never takes the supervisor down with it.
+
+A ``LogListener`` hears every line too (and each time the stream is
+(re)opened): the ownership watcher uses that to look for a new owner when
+someone connects instead of polling SQL every few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from entrypoint import logs
 from entrypoint.spacetimedb.api import (
@@ -38,6 +42,16 @@ _MODULE_LEVELS = {
 }
 
 
+class LogListener(Protocol):
+    """Told what the follower sees (``ownership.ConnectionBell`` is the one in use)."""
+
+    def following(self) -> None:
+        """The stream is open (again): lines written while it was not are never replayed."""
+
+    def line(self, message: str, fields: dict[str, Any]) -> None:
+        """One module-log line, as ``module_log_event`` parsed it (after it was logged)."""
+
+
 def module_log_event(module: str, line: str) -> tuple[str, str, dict[str, Any]]:
     """One NDJSON module-log line → ``(level, message, fields)`` for structlog."""
     service = f"module:{module}"
@@ -59,25 +73,29 @@ def module_log_event(module: str, line: str) -> tuple[str, str, dict[str, Any]]:
     return level, str(message) if message is not None else "", fields
 
 
-def emit_module_log(module: str, line: str) -> None:
-    """Log one module line at the module's own level, under its own ``service``."""
+def emit_module_log(module: str, line: str, listener: LogListener | None = None) -> None:
+    """Log one module line at the module's own level, under its own ``service``; then tell ``listener``."""
     level, message, fields = module_log_event(module, line)
     getattr(logs.get(fields["service"]), level)(message, **fields)
+    if listener is not None:
+        listener.line(message, fields)
 
 
 async def follow_module_logs(settings: Settings, client: httpx.AsyncClient, publisher: Publisher, module: str,
-                             *, stop: asyncio.Event | None = None, backoff: Backoff = LOG_BACKOFF) -> None:
+                             *, stop: asyncio.Event | None = None, backoff: Backoff = LOG_BACKOFF,
+                             listener: LogListener | None = None) -> None:
     """Copy a module's own log into ours, as events with ``service=module:<name>``, until stopped.
 
     Follows ``GET /v1/database/<name>/logs?follow=true`` (owner only) and
     reconnects with capped backoff whenever SpacetimeDB restarts.  Never
     raises except ``CancelledError``; returns when ``stop`` is set.
+    ``listener`` hears each line and each (re)connection.
     """
     del settings  # part of the uniform signature; the client already knows where SpacetimeDB is
     if stop is None:
-        await _follow(client, publisher, module, backoff)
+        await _follow(client, publisher, module, backoff, listener)
         return
-    follower = asyncio.create_task(_follow(client, publisher, module, backoff), name=f"logs:{module}")
+    follower = asyncio.create_task(_follow(client, publisher, module, backoff, listener), name=f"logs:{module}")
     stopper = asyncio.create_task(stop.wait(), name=f"logs-stop:{module}")
     try:
         await asyncio.wait({follower, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -87,7 +105,8 @@ async def follow_module_logs(settings: Settings, client: httpx.AsyncClient, publ
         await asyncio.gather(follower, stopper, return_exceptions=True)
 
 
-async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, backoff: Backoff) -> None:
+async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, backoff: Backoff,
+                  listener: LogListener | None) -> None:
     import httpx
 
     pauses = backoff.pauses()
@@ -106,9 +125,11 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
                     log.info("module_logs.following", module=module, reconnect=connected_before)
                     connected_before, quiet, denied_warned = True, False, False
                     pauses = backoff.pauses()  # connected: the next outage starts again from the first pause
+                    if listener is not None:
+                        listener.following()
                     async for line in response.aiter_lines():
                         if line.strip():
-                            emit_module_log(module, line)
+                            emit_module_log(module, line, listener)
                     problem = {"reason": "stream ended"}
                 else:
                     await response.aread()
@@ -133,4 +154,4 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
         await asyncio.sleep(pause)
 
 
-__all__ = ["emit_module_log", "follow_module_logs", "module_log_event"]
+__all__ = ["LogListener", "emit_module_log", "follow_module_logs", "module_log_event"]

@@ -442,7 +442,8 @@ def main(settings: Settings, action: str, *, as_json: bool = False, module: str 
     try:
         modules = selected_modules(settings, module)
         if action == "show":
-            logs.configure("console" if err.isatty() else "json", settings.debug_mode, stream=err)
+            logs.configure("console" if err.isatty() else "json", settings.debug_mode, stream=err,
+                           level=settings.log_level)
             return asyncio.run(_show(settings, modules, out, as_json))
         target = resolve_target(settings, sub=sub, issuer=issuer, identity=identity)
         return asyncio.run(_set(settings, modules, target, explicit=module is not None, out=out, err=err,
@@ -471,7 +472,7 @@ async def _set(settings: Settings, modules: tuple[str, ...], target: Target, *, 
 
     pid, found = await find_supervisor(settings.health_addr)
     sink = EventSink.open(pid, err, found)
-    logs.configure(settings.log_format, settings.debug_mode, stream=sink)
+    logs.configure(settings.log_format, settings.debug_mode, stream=sink, level=settings.log_level)
     results: list[SetResult] = []
     try:
         async with connect(settings) as link:

@@ -59,7 +59,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +83,14 @@ log = logs.get("ownership")
 OWNER_PERMISSION = 9999
 ANONYMOUS_ISSUER = "localhost"
 POLL_INITIAL = 0.25
+#: The pace when nothing tells the watcher that someone connected: it must find a sign-in by itself.
 POLL_MAXIMUM = 2.0
+#: The pace when the module log rings the bell on every connection (``ConnectionBell``): a safety net
+#: only, for a line that never came (a module that stopped logging it, an operator's `owner set`).
+#: Each idle look is three SQL reads, ~5 wake-ups of PID 1: 2 s made 2.7 wake-ups/s, 10 s ~0.5/s.
+SAFETY_POLL_MAXIMUM = 10.0
+#: After the bell, before the look: the line is logged inside ``OnConnect``, before its rows commit.
+RING_SETTLE = 0.1
 STATE_KEY = "ownership"  # key inside the module's entry of pogly-entrypoint.json
 
 # The ownership record in the state file: its "state" values
@@ -97,6 +104,10 @@ CLAIMED = "claimed"
 UNCLAIMED = "unclaimed"
 NOT_POGLY = "not-pogly"
 DISABLED = "disabled"
+
+# What a rung ConnectionBell says
+LOOK = "look"            # look once (the log stream was (re)opened)
+CONNECTED = "connected"  # someone connected: look, then again soon
 
 # Reasons a connection is not eligible (logged, and kept in Watcher.seen)
 ELIGIBLE = "eligible"
@@ -255,6 +266,46 @@ def connection_key(value: Any) -> str:
     return str(value)
 
 
+def is_connection_line(message: str, fields: Mapping[str, Any]) -> bool:
+    """Whether a module-log line may announce a new connection (so ownership is worth a look now).
+
+    Pogly's ``OnConnect`` reducer logs ``[OnConnect] New guest connected …``; SpacetimeDB names the
+    reducer in ``function``.  Deliberately loose (any mention of "connect", disconnects included):
+    a needless look costs three SQL reads, a missed one up to ``SAFETY_POLL_MAXIMUM`` of waiting.
+    """
+    return "connect" in f"{fields.get('function') or ''} {message}".lower()
+
+
+class ConnectionBell:
+    """Rung by a module's log follower when someone may have connected; the ownership watcher listens.
+
+    Why: polling SQL every 2 s while a database is unclaimed woke PID 1 ~2.7 times a second for as
+    long as nobody signed in.  Every connection runs Pogly's ``OnConnect``, which logs a line the
+    follower already reads, so the watcher looks when that line comes (and a few times soon after)
+    and otherwise only rarely.  Also rung, for one look, when the follower (re)connects: lines
+    written while it was away are never replayed.  Implements ``module_logs.LogListener``.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.connected = False  # a connection line came (not only a (re)opened stream)
+
+    def following(self) -> None:
+        self.event.set()
+
+    def line(self, message: str, fields: Mapping[str, Any]) -> None:
+        if is_connection_line(message, fields):
+            self.connected = True
+            self.event.set()
+
+    def answer(self) -> str | None:
+        """Whether it rang since the last answer: ``CONNECTED``, ``LOOK`` or None; then silent again."""
+        rang = (CONNECTED if self.connected else LOOK) if self.event.is_set() else None
+        self.event.clear()
+        self.connected = False
+        return rang
+
+
 def disabled_message(settings: Settings) -> str:
     """What an operator reads when OIDC off or STRICT_MODE turned auto-claim off."""
     if not settings.oidc_enabled:
@@ -410,6 +461,14 @@ class Watcher:
     Everything that talks to SpacetimeDB goes through ``sql_fn`` (one
     statement → rows) and every pause through ``sleep``, so the state machine
     runs in tests against a fake without a server or real time.
+
+    ``bell`` (rung by the module's log follower) ends a pause early: the
+    watcher looks ``RING_SETTLE`` later.  Idle pauses are then ``maximum``
+    from the start; after a connection line they start over from ``initial``
+    (its rows may commit a little after the line), and a pause after a rung
+    look is never shorter than ``initial``, whatever rings.  Without a bell the
+    pauses grow from ``initial`` to ``maximum``: nothing else says when
+    someone connects.
     """
 
     settings: Settings
@@ -420,16 +479,18 @@ class Watcher:
     now: Callable[[], float] = time.time
     initial: float = POLL_INITIAL
     maximum: float = POLL_MAXIMUM
+    bell: ConnectionBell | None = None
     # connection id → ELIGIBLE or the reason it was not (only the currently open connections)
     seen: dict[str, str] = field(default_factory=dict)
     polls: int = 0
     _problem_logged: bool = field(default=False, init=False)
     _announced: bool = field(default=False, init=False)
+    _rang: bool = field(default=False, init=False)  # the last look was the bell's
 
     # -- entry point -------------------------------------------------------------------------
     async def run(self) -> str:
         """Return the final outcome ("claimed", "not-pogly", "disabled", …) once there is nothing to watch."""
-        pauses = delays(self.initial, self.maximum)
+        pauses = self._pauses(busy=False)
         while True:
             try:
                 outcome = await self._step()
@@ -449,8 +510,45 @@ class Watcher:
             if outcome in (CLAIMED, DISABLED):
                 return outcome
             if outcome == "activity":
-                pauses = delays(self.initial, self.maximum)  # someone is connecting: look again soon
-            await self.sleep(next(pauses))
+                pauses = self._pauses(busy=True)  # someone is connecting: look again soon
+            rang = await self._pause(next(pauses))
+            if rang is not None:  # this look comes early; someone connected: soon again too
+                pauses = self._pauses(busy=rang == CONNECTED)
+
+    def _pauses(self, *, busy: bool) -> Iterator[float]:
+        """From ``initial`` up to ``maximum``; idle with a bell, ``maximum`` straight away."""
+        return delays(self.maximum if self.bell is not None and not busy else self.initial, self.maximum)
+
+    async def _pause(self, seconds: float) -> str | None:
+        """Wait ``seconds``, or less when the bell rings; what it said, if it rang.
+
+        One timer per pause while nothing rings (each is a wake-up of PID 1).  After a look the bell
+        asked for, the next pause lasts at least ``initial``: a storm of connections costs at most
+        one look per ``initial``.
+        """
+        if self.bell is None:
+            await self.sleep(seconds)
+            return None
+        if self._rang:
+            gap = min(seconds, self.initial)
+            await self.sleep(gap)
+            seconds -= gap
+        if not self.bell.event.is_set() and seconds > 0:
+            sleeper = asyncio.ensure_future(self.sleep(seconds))
+            ringing = asyncio.ensure_future(self.bell.event.wait())
+            try:
+                await asyncio.wait({sleeper, ringing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sleeper, ringing):
+                    task.cancel()
+                await asyncio.gather(sleeper, ringing, return_exceptions=True)
+            if sleeper.done() and not sleeper.cancelled() and sleeper.exception() is not None:
+                raise sleeper.exception()  # type: ignore[misc]
+        rang = self.bell.answer()
+        self._rang = rang is not None
+        if rang is not None:
+            await self.sleep(RING_SETTLE)
+        return rang
 
     def _transient(self, error: str) -> None:
         """Keep polling through outages; say so once, not every 2 s."""
@@ -662,16 +760,20 @@ def bound_sql(client: httpx.AsyncClient, publisher: Publisher, module: str) -> S
 
 
 async def watch(settings: Settings, status: Status, client: httpx.AsyncClient, publisher: Publisher,
-                module: str, *, sql_fn: SqlFn | None = None, sleep: Sleep = asyncio.sleep) -> None:
+                module: str, *, sql_fn: SqlFn | None = None, sleep: Sleep = asyncio.sleep,
+                bell: ConnectionBell | None = None) -> None:
     """Run by the supervisor per module once it is published: settle ownership, then return.
 
     Returns as soon as the database is owned (or cannot be managed, or
-    auto-claim is disabled); otherwise polls cheaply forever.  Never raises
-    except ``CancelledError``: a bug here must not take the other lifecycle
-    tasks (module logs) down with it.
+    auto-claim is disabled); otherwise polls cheaply forever: every 2 s, or,
+    with a ``bell`` rung by the module's log follower, when it rings and
+    every ``SAFETY_POLL_MAXIMUM`` s besides.  Never raises except
+    ``CancelledError``: a bug here must not take the other lifecycle tasks
+    (module logs) down with it.
     """
     run_sql = sql_fn if sql_fn is not None else bound_sql(client, publisher, module)
-    watcher = Watcher(settings, module, run_sql, status.module(module), sleep=sleep)
+    watcher = Watcher(settings, module, run_sql, status.module(module), sleep=sleep,
+                      maximum=SAFETY_POLL_MAXIMUM if bell is not None else POLL_MAXIMUM, bell=bell)
     try:
         await watcher.run()
     except asyncio.CancelledError:
@@ -683,8 +785,9 @@ async def watch(settings: Settings, status: Status, client: httpx.AsyncClient, p
 
 
 __all__ = [
-    "ELIGIBLE", "OWNER_PERMISSION", "Candidate", "Ownership", "Unsupported", "Watcher", "bound_sql", "choose",
-    "connection_key", "describe_record", "disabled_message", "eligibility", "ensure_owner_permission",
-    "owner_permissions", "owner_update", "parse_payload", "read_ownership", "record_owner_set",
+    "ELIGIBLE", "OWNER_PERMISSION", "Candidate", "ConnectionBell", "Ownership", "Unsupported", "Watcher",
+    "bound_sql", "choose", "connection_key", "describe_record", "disabled_message", "eligibility",
+    "ensure_owner_permission", "is_connection_line", "owner_permissions", "owner_update", "parse_payload",
+    "read_ownership", "record_owner_set",
     "revoke_owner_permission", "watch",
 ]

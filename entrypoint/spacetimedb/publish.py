@@ -19,8 +19,11 @@ Safety rules that shape the code (reference/spacetimedb.md §2-§5): never
 publish with ``clear`` and never delete anything on the volumes.  A database
 owned by another identity, or a token the server refuses, stops the container
 with exit 78 and a message naming both identities and the way out, instead of
-"fixing" it by destroying data.  A failed *update* keeps the previously
-published module serving; only a failed *first* publish is fatal.
+"fixing" it by destroying data.  A failed *update* leaves the previously
+published module running inside SpacetimeDB (its onboarding still closed) but
+makes ``/readyz`` answer 503 (``Status.not_ready``): the new image's web app
+would talk to the old schema, and a not-Ready pod is what ``kubectl rollout
+status`` and ``flux --wait`` see.  Only a failed *first* publish is fatal.
 """
 
 from __future__ import annotations
@@ -248,12 +251,14 @@ async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncCl
             event="publish.first_failed", module=module, path=str(path), server_message=failure,
         )
     info.database_identity, info.published_hash = existing, recorded.get("hash")
+    # serving: the old module still runs in SpacetimeDB; the "failed: " result alone makes /readyz 503.
     info.publish_result, info.serving = f"failed: {failure}", True
     log.error("publish.failed", module=module, database_identity=existing, sha256=digest,
               server_message=failure,
-              message=f"update of {module!r} was refused; the previously published module keeps serving. "
-                      "Fix the module (or revert the image) and restart to retry.")
-    # The previous module keeps serving, so its onboarding must be closed all the same.
+              message=f"update of {module!r} was refused; the previously published module keeps running, "
+                      "but the container is not ready (/readyz 503) until an update succeeds. Fix the module "
+                      "or roll back to the previous image (its module is then unchanged), and restart.")
+    # The previous module keeps running, so its onboarding must be closed all the same.
     if not (recorded.get("first_boot_config_applied") is True and recorded.get("database_identity") == existing):
         outcome = await ensure_first_boot_config(settings, client, publisher, module, created=False)
         _record(settings, module, **_first_boot_fields(outcome))

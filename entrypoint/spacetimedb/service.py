@@ -28,6 +28,7 @@ from entrypoint import logs
 from entrypoint.config import HostPort
 from entrypoint.errors import EXIT_UNAVAILABLE, Fatal
 from entrypoint.spacetimedb import server
+from entrypoint.supervision import status as state
 from entrypoint.supervision.process import ChildHandle, ChildSpec
 from entrypoint.supervision.restart import delays
 from entrypoint.supervision.service import Died, Outcome, Service
@@ -41,6 +42,8 @@ LOCK_FIRST_S = 0.2
 LOCK_CAP_S = 5.0
 LOCK_JITTER = 0.25
 #: Pings before the server says it listens: 5 ms doubling to 200 ms (it is up within ~250 ms).
+ANSWER_TIMEOUT = 2.0  # a ready server answers /v1/ping in milliseconds; /readyz's probe timeout is 3 s
+ANSWER_CACHE = 2.0  # at most one such ping per this many seconds, however many ask
 PING_FIRST_S = 0.005
 PING_CAP_S = 0.2
 
@@ -73,9 +76,46 @@ class SpacetimeService(Service):
         self.lock_holder: int | None = None
         self._listening = asyncio.Event()
         self._lock_wait: _LockWait | None = None
+        self._answer_check: asyncio.Task[None] | None = None
+        self._answered_at = float("-inf")
 
     async def prepare(self) -> None:
         server.check_keys(self.settings.config_dir)
+
+    async def check_answering(self) -> None:
+        """Asked by ``/readyz``: does the ready server still answer ``/v1/ping``?
+
+        A SIGSTOPped or hung SpacetimeDB keeps its PID and its port (the kernel
+        accepts connections for it), so nothing else notices.  Checked only when
+        a probe asks (no idle wake-ups), at most once per ``ANSWER_CACHE`` seconds
+        and shared by concurrent askers, so a flood of public ``/readyz`` costs one
+        ping.
+        """
+        if self.info.state != state.READY:
+            self.status.unanswered.pop(self.name, None)
+            return
+        if self._answer_check is None:
+            if self.clock() - self._answered_at < ANSWER_CACHE:
+                return
+            self._answer_check = asyncio.ensure_future(self._check_answer())
+        await asyncio.shield(self._answer_check)
+
+    async def _check_answer(self) -> None:
+        try:
+            answered = await self.ping(self.settings.spacetime_addr, ANSWER_TIMEOUT)
+            was = self.status.unanswered.get(self.name)
+            if answered:
+                self.status.unanswered.pop(self.name, None)
+                if was is not None:
+                    log.info("spacetime.answering_again")
+            elif was is None and self.info.state == state.READY:
+                why = f"not answering /v1/ping within {ANSWER_TIMEOUT:g} s"
+                self.status.unanswered[self.name] = why
+                log.warning("spacetime.not_answering", pid=self.info.pid, reason=why,
+                            action="not ready until it answers again (a frozen or overloaded server)")
+        finally:
+            self._answered_at = self.clock()
+            self._answer_check = None
 
     def spec(self) -> ChildSpec:
         self._listening.clear()
@@ -83,7 +123,7 @@ class SpacetimeService(Service):
         return ChildSpec(self.name, server.command(self.settings), dict(os.environ), signal.SIGINT, self.grace())
 
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
-        text = str(fields["event"])
+        text = str(fields.get("message", ""))
         if server.is_listening_line(text):
             self._listening.set()
             return

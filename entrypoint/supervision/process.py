@@ -270,7 +270,7 @@ class Child:
                 os.kill(self.pid, sig)
 
     async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
-        """Stop signal to the group, wait up to ``grace`` (or until ``force``), then SIGKILL.
+        """Stop signal (then SIGCONT) to the group, wait up to ``grace`` (or until ``force``), then SIGKILL.
 
         Returns ``(returncode, killed)``.
         """
@@ -278,6 +278,10 @@ class Child:
             return (self.returncode if self.returncode is not None else 0), False
         grace = self.spec.grace if grace is None else grace
         self.signal_group(self.spec.stop_signal)
+        # A stopped (SIGSTOP, frozen) child would hold its stop signal pending until SIGKILL at the
+        # grace, losing what SpacetimeDB flushes on SIGINT: wake it to handle it (s6-supervise sends
+        # CONT after its down-signal too).  A running child ignores SIGCONT.
+        self.signal_group(signal.SIGCONT)
         waiter = asyncio.ensure_future(self._done.wait())
         others: set[asyncio.Future[object]] = {waiter}
         forcer = None

@@ -11,6 +11,13 @@
       pause_after(outcome): the policy           → seconds to wait, or Fatal to give up
       sleep
 
+A pause (``pause()``/``resume()``, asked for by the control channel for a
+consistent backup) stops the ready run with the child's own stop signal and
+grace, as a shutdown would; the loop sees that exit as "paused", not as a
+death (no restart, no crash-loop count) and launches nothing until
+``resume()``.  The next run is then an ordinary launch: readiness, a new
+``generation`` (what follows a restart follows a resume too).
+
 Stopping is not part of this loop.  A stop cancels the task group that runs
 ``supervise`` (at whichever await it is: the race, the wait, the pause), and
 the supervisor then calls ``stop()`` on the child that exists; nothing can
@@ -79,6 +86,10 @@ class TimedOut(Outcome):
     """Still running but not ready after ``POGLY_START_TIMEOUT``."""
 
 
+class PauseRefused(Exception):
+    """``pause()`` cannot pause now (not ready, already paused, stopping); the message says why."""
+
+
 class Service:
     """One supervised child slot: start, readiness, restart with backoff, stop."""
 
@@ -103,6 +114,9 @@ class Service:
         self._ready = asyncio.Event()
         self._redactors: dict[str, logs.LineRedactor] = {}
         self._tail: list[str] = []  # last lines, quoted when the child fails
+        self.paused: str | None = None  # why, while paused on purpose (pause()); no run is launched meanwhile
+        self._resumed = asyncio.Event()  # replaced at each pause(), set by resume()
+        self._paused_run: ChildHandle | None = None  # the run pause() stopped (its exit is no death)
         self.info = status.child(self.name)
 
     # -- what each child says about itself ---------------------------------------------
@@ -137,12 +151,14 @@ class Service:
             )
         if not isinstance(outcome, Died):
             raise TypeError(f"{self.name}: no restart policy for {outcome!r}")
-        self._record_exit(describe_exit(outcome.code))
+        self._record_exit(describe_exit(outcome.code), exit_status(outcome.code))
         verdict = self.policy.on_death(self.clock(), self.launched_at)
         if verdict.crash_loop:
             self.info.state = state.FAILED
+            # A child that keeps exiting 0 must not end the container with 0 ("stopped on request"):
+            # Docker's `restart: on-failure` and a Job's OnFailure would take a crash loop for success.
             raise Fatal(
-                exit_status(outcome.code),
+                exit_status(outcome.code) or 1,
                 f"{self.name} died {verdict.deaths_in_window} times within "
                 f"{self.policy.loop_window:g} s ({describe_exit(outcome.code)}); giving up so the orchestrator's "
                 f"restart policy takes over. Its last lines: {self._tail[-5:]}",
@@ -159,14 +175,61 @@ class Service:
         """Launch, race ready vs exit, let the policy decide, repeat; until cancelled or ``Fatal``."""
         await self.prepare()
         while True:
+            while self.paused is not None:  # held by pause(): nothing is launched until resume()
+                await self._resumed.wait()
             child = self._launch()
             outcome = await self._race_ready(child)
             if isinstance(outcome, Ready):
                 assert child is not None
                 self._became_ready(child)
                 outcome = Died(await child.wait(), was_ready=True)
+            if child is not None and child is self._paused_run:  # pause() stopped it: not a death, no restart
+                self._paused_run = None
+                continue
             pause = await self.pause_after(outcome)  # or Fatal: give up
             await asyncio.sleep(pause)
+
+    async def pause(self, reason: str) -> str:
+        """Stop the ready run on purpose and launch none until ``resume()``; how it ended ("exit code 0").
+
+        The stop is the shutdown's: the child's stop signal and ``grace()``
+        (SpacetimeDB: SIGINT, so it flushes), SIGKILL after it.  Only a ready
+        run is paused: one that is starting, backing off or stopping would race
+        the loop; ``PauseRefused`` says so and the caller may try again.
+        """
+        child = self.child
+        if self.paused is not None:
+            raise PauseRefused(f"{self.name} is already paused for {self.paused}")
+        if self.info.state != state.READY or child is None or not child.running:
+            raise PauseRefused(f"{self.name} is {self.info.state}, not ready; try again once it is")
+        self.paused = reason
+        self._paused_run = child
+        self._resumed = asyncio.Event()
+        self.info.state = state.STOPPING
+        started = self.clock()
+        grace = self.grace()
+        log.info("child.pausing", child=self.name, pid=child.pid, reason=reason,
+                 signal=signal.Signals(self.stop_signal).name, grace_s=round(grace, 2))
+        code, killed = await child.stop(grace, asyncio.Event())
+        self.info.pid = None
+        self.info.last_exit = describe_exit(code)
+        self.info.paused_for = reason
+        if self.paused is not None and self.info.state == state.STOPPING:  # not resumed or shut down meanwhile
+            self.info.state = state.PAUSED
+        (log.warning if killed else log.info)(
+            "child.paused", child=self.name, reason=reason, exit=describe_exit(code), killed=killed,
+            stop_ms=round((self.clock() - started) * 1000, 1))
+        return describe_exit(code)
+
+    def resume(self, why: str = "resumed") -> bool:
+        """End a pause: the loop launches the next run at once.  False when there was no pause."""
+        if self.paused is None:
+            return False
+        reason, self.paused = self.paused, None
+        self.info.paused_for = None
+        log.info("child.resuming", child=self.name, reason=reason, why=why)
+        self._resumed.set()
+        return True
 
     async def ready_after(self, generation: int) -> int:
         """Wait until a run later than ``generation`` is ready; return its generation."""
@@ -239,6 +302,7 @@ class Service:
 
     def _became_ready(self, child: ChildHandle) -> None:
         self.info.state = state.READY
+        self.info.ready_seconds = round(self.clock() - self.launched_at, 3)
         if not self.first_ready.is_set():
             log.info("child.ready", child=self.name, pid=child.pid,
                      startup_ms=round((self.clock() - self.launched_at) * 1000, 1))
@@ -249,18 +313,19 @@ class Service:
         waking, self._next_generation = self._next_generation, asyncio.Event()
         waking.set()
 
-    def _record_exit(self, last_exit: str) -> None:
-        """The status between two runs: no PID, why the last one ended."""
+    def _record_exit(self, last_exit: str, code: int | None = None) -> None:
+        """The status between two runs: no PID, why the last one ended (``code``: its exit status, if any)."""
         self.info.state = state.BACKOFF
         self.info.pid = None
         self.info.last_exit = last_exit
+        self.info.last_exit_code = code
 
     def _sink(self, stream: str, raw: bytes, truncated: bool) -> None:
         text = self._redactors[stream](logs.decode_line(raw, truncated))
         if text is None:
             return
         level, fields = logs.child_event(self.name, stream, text)
-        self._tail = [*self._tail[-9:], str(fields["event"])[:300]]
+        self._tail = [*self._tail[-9:], str(fields.get("message", ""))[:300]]
         self.on_line(stream, fields)
         if self.child is not None and self.child.pid is not None:
             fields["pid"] = self.child.pid
@@ -281,6 +346,8 @@ class Service:
         self.info.state = state.STOPPED
         self.info.pid = None
         self.info.last_exit = describe_exit(code)
+        self.info.last_exit_code = exit_status(code)
+        self.info.stop_seconds = round(self.clock() - started, 3)
         (log.warning if killed else log.info)(
             "child.stopped", child=self.name, exit=describe_exit(code), killed=killed,
             stop_ms=round((self.clock() - started) * 1000, 1),

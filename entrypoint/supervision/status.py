@@ -19,6 +19,15 @@ BACKOFF = "backoff"
 STOPPING = "stopping"
 STOPPED = "stopped"
 FAILED = "failed"
+# Stopped on purpose (e.g. for a consistent backup) and held: not restarted, not a crash.
+PAUSED = "paused"
+#: Every state above, in that order (``/metrics`` reports each one, 0 or 1).
+STATES = (STARTING, READY, BACKOFF, STOPPING, STOPPED, FAILED, PAUSED)
+
+#: ``ModuleStatus.publish_result`` values; a failure reads ``"failed: <message>"``.
+PUBLISH_RESULTS = ("pending", "created", "updated", "unchanged", "failed")
+#: ``Status.oidc`` values.
+OIDC_VERDICTS = ("pending", "verified", "unverified", "failed", "disabled")
 
 
 @dataclass
@@ -29,6 +38,16 @@ class ChildStatus:
     restarts: int = 0
     started_at: float | None = None  # wall clock, for humans
     last_exit: str | None = None
+    paused_for: str | None = None  # why, while PAUSED ("backup"): /readyz says so
+    # The same as a number, as a shell reports it (128+N for signal N); None when the last run
+    # did not end with an exit status (a held lock, a spawn that failed before the exit was read).
+    last_exit_code: int | None = None
+    ready_seconds: float | None = None  # the latest run: launch to ready
+    stop_seconds: float | None = None  # the last stop: stop signal to exit
+
+    def describe(self) -> str:
+        """The state as ``/readyz`` words it: ``paused for backup`` rather than a bare ``paused``."""
+        return f"{self.state} for {self.paused_for}" if self.state == PAUSED and self.paused_for else self.state
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -51,6 +70,15 @@ class ModuleStatus:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def result(self) -> str:
+        """``publish_result`` without its message: one of ``PUBLISH_RESULTS``."""
+        return self.publish_result.split(":", 1)[0]
+
+    def update_failure(self) -> str | None:
+        """The server's message when the last update of this module was refused, else None."""
+        head, sep, message = self.publish_result.partition(":")
+        return message.strip() if sep and head == "failed" else None
+
 
 @dataclass
 class Status:
@@ -62,10 +90,15 @@ class Status:
     webapp: dict[str, Any] = field(default_factory=lambda: {"verdict": "pending"})
     publisher_identity: str | None = None
     shutting_down: bool = False
+    # A child that is up but no longer answers (name -> why), e.g. a frozen SpacetimeDB: its process
+    # and port are still there, so only asking it tells.  Filled when /readyz or /status is asked.
+    unanswered: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     # The supervisor's PID: `pogly-entrypoint owner set` writes its event into this process's stdout
     # (the container log), and an operator can tell which process answers.
     pid: int = field(default_factory=os.getpid)
+    ready_seconds: float | None = None  # the supervisor's start to the first time everything was ready
+    stop_seconds: float | None = None  # the last shutdown: stop request to every child stopped
 
     def child(self, name: str) -> ChildStatus:
         return self.children.setdefault(name, ChildStatus(name))
@@ -83,9 +116,17 @@ class Status:
         for name in ("spacetimedb", "caddy"):
             child = self.children.get(name)
             if child is None or child.state != READY:
-                reasons.append(f"{name}: {child.state if child else 'not started'}")
+                reasons.append(f"{name}: {child.describe() if child else 'not started'}")
+            elif name in self.unanswered:
+                reasons.append(f"{name}: {self.unanswered[name]}")
         for module in self.modules.values():
-            if not module.serving:
+            # A refused update is not ready even though the previous module still runs inside
+            # SpacetimeDB: the web app of the image being rolled out talks to the old schema, and
+            # a not-Ready pod is the one signal `kubectl rollout status` / `flux --wait` read.
+            failure = module.update_failure()
+            if failure is not None:
+                reasons.append(f"module {module.name}: update failed: {failure}")
+            elif not module.serving:
                 reasons.append(f"module {module.name}: {module.publish_result}")
         return reasons
 
@@ -100,6 +141,8 @@ class Status:
             "publisher_identity": self.publisher_identity,
             "started_at": self.started_at,
             "pid": self.pid,
+            "ready_seconds": self.ready_seconds,
+            "stop_seconds": self.stop_seconds,
             "children": {k: v.to_json() for k, v in self.children.items()},
             "modules": {k: v.to_json() for k, v in self.modules.items()},
         }

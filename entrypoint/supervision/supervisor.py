@@ -9,7 +9,7 @@ which children or which work they are (that is ``entrypoint/startup.py``)::
       stop = cancel main (every service loop and job ends at its next await: nothing restarts)
            ∥ meanwhile: /readyz 503 → each service's child stopped, in reverse start order,
                         each within its grace, all within POGLY_STOP_TIMEOUT
-      → main's helpers gone (cancelled short commands are killed and reaped) → as PID 1, sweep stragglers
+      → main's helpers gone (cancelled short commands are killed and reaped) → as PID 1 or subreaper, sweep stragglers
       → exit code: 0 on request, else the first Fatal's code, 70 for a bug
 
 A second stop request skips the remaining graces: SIGKILL at once.  Signal
@@ -32,6 +32,7 @@ from entrypoint import logs
 from entrypoint.errors import EXIT_SOFTWARE, Fatal
 from entrypoint.supervision.process import Reaper
 from entrypoint.supervision.service import Service
+from entrypoint.supervision.spawn import is_subreaper
 from entrypoint.supervision.status import Status
 
 log = logs.get("supervisor")
@@ -90,7 +91,7 @@ class Supervisor:
         self._stop()  # no-op after a signal; after a fatal error the same stop
         await self._shutdown()  # concurrently with main's cancellation: exit as soon as children are gone
         await asyncio.wait({self._main})  # its short-lived helpers are killed and reaped by now
-        if os.getpid() == 1:
+        if os.getpid() == 1 or is_subreaper():  # whoever adopted orphans sweeps them (never a test's pytest)
             self._kill_stragglers()
         return self.exit_code
 
@@ -130,7 +131,9 @@ class Supervisor:
             await service.first_ready.wait()
         for event in ready_when:
             await event.wait()
-        log.info("entrypoint.ready", **ready_fields(), ready_ms=round((self.clock() - self.launched) * 1000, 1))
+        elapsed = self.clock() - self.launched
+        self.status.ready_seconds = round(elapsed, 3)
+        log.info("entrypoint.ready", **ready_fields(), ready_ms=round(elapsed * 1000, 1))
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -141,21 +144,39 @@ class Supervisor:
         for service in reversed(self.services):
             remaining = max(deadline - self.clock(), 0.0)
             await service.stop(min(service.grace(), remaining), self._force)
+        self.status.stop_seconds = round(self.clock() - start, 3)
 
     def _kill_stragglers(self) -> None:
-        """As PID 1, whatever still runs in the namespace dies with us; say so first."""
+        """Whatever we adopted and still runs dies with us; say so first.
+
+        As PID 1 that is every process in the namespace.  As a subreaper
+        (``make run``, ``docker run --init``) it is our descendants: orphans
+        re-parented to us, e.g. a helper SpacetimeDB started in a session of its
+        own, which would otherwise outlive us under the host's init.
+        """
         me = os.getpid()
+        procs: dict[int, tuple[int, str, bool]] = {}  # pid -> (ppid, comm, zombie)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == me:
                 continue
             try:
-                name = (entry / "comm").read_text().strip()
-                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-            except (OSError, IndexError):
+                comm = (entry / "comm").read_text().strip()
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                procs[int(entry.name)] = (int(fields[1]), comm, fields[0] == "Z")
+            except (OSError, IndexError, ValueError):
                 continue
+        if me == 1:
+            doomed = set(procs)
+        else:
+            doomed, frontier = set(), {me}
+            while frontier:
+                frontier = {pid for pid, (ppid, _, _) in procs.items() if ppid in frontier} - doomed
+                doomed |= frontier
+        for pid in sorted(doomed):
+            _, comm, zombie = procs[pid]
             if zombie:
                 continue
-            log.warning("entrypoint.straggler_killed", pid=int(entry.name), comm=name)
+            log.warning("entrypoint.straggler_killed", pid=pid, comm=comm)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         self.reaper.reap()

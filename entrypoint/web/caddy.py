@@ -134,6 +134,8 @@ def template_context(settings: Settings) -> dict[str, Any]:
     if context["public_api"] not in ("minimal", "full"):
         raise CaddyConfigError(f"template value public_api={settings.public_api!r} is not minimal|full")
     context["strict_mode"] = bool(settings.strict_mode)
+    # POGLY_PUBLIC_METRICS: /metrics on the public port goes to the health server, not to a 403.
+    context["public_metrics"] = bool(settings.public_metrics)
     # HSTS over plain HTTP is ignored by browsers and wrong when the public
     # origin is http; it only makes sense behind an https terminator.
     context["hsts"] = bool(settings.strict_mode and (settings.public_url or "").startswith("https://"))

@@ -89,7 +89,7 @@ class CaddyService(Service):
                          caddy.environment(self.settings, dict(os.environ)), signal.SIGTERM, self.grace())
 
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
-        if fields.get("event") == self._ready_msg:
+        if fields.get("message") == self._ready_msg:
             self._ready.set()
 
     def grace(self) -> float:
@@ -99,7 +99,14 @@ class CaddyService(Service):
 
     async def pause_after(self, outcome: Outcome) -> float:
         if isinstance(outcome, Died) and outcome.code == 1 and not outcome.was_ready:
-            self._record_exit(describe_exit(outcome.code))
+            self._record_exit(describe_exit(outcome.code), outcome.code)
+            port = self.settings.http_port
+            if any(f":{port}: bind: address already in use" in line for line in self._tail):
+                # The one start failure an operator causes most often: say which variable, not only Caddy's words.
+                raise Fatal(1, f"POGLY_HTTP_PORT={port} is already in use: another process listens on port {port}, "
+                            "so Caddy cannot. Stop that process or set POGLY_HTTP_PORT to a free port. Caddy's "
+                            f"last lines: {self._tail[-2:]}", event="caddy.startup_failed", variable="POGLY_HTTP_PORT",
+                            port=port, reason="port_in_use")
             raise Fatal(1, "Caddy failed to start (exit 1 = failed startup; Caddy's docs say not to restart "
                         f"it). Its last lines: {self._tail[-5:]}", event="caddy.startup_failed")
         return await super().pause_after(outcome)

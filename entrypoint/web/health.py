@@ -1,8 +1,8 @@
-"""The supervisor's loopback health server: ``/livez``, ``/readyz`` and ``/status``.
+"""The supervisor's loopback health server: ``/livez``, ``/readyz``, ``/status`` and ``/metrics``.
 
 Why our own tiny HTTP/1.1 server on h11 (already installed through httpx) rather
-than a web framework: PID 1 should carry as little as possible, and three
-read-only JSON endpoints do not need routing, middleware or a second event loop.
+than a web framework: PID 1 should carry as little as possible, and four
+read-only endpoints do not need routing, middleware or a second event loop.
 It runs inside the supervisor's asyncio loop, so ``/livez`` answering *is* the
 proof that the loop is alive, and it reads the same ``Status`` object the
 supervisor mutates (same thread: no locking).
@@ -10,6 +10,8 @@ supervisor mutates (same thread: no locking).
 Caddy proxies ``/livez`` and ``/readyz`` to it on the public port, so
 Kubernetes can probe ``http://pod:80/readyz``; ``/status`` (identities, child
 PIDs, module hashes) is only answered here, on the loopback address.
+``/metrics`` (Prometheus text, ``web/metrics.py``) is answered here and
+proxied on the public port only with ``POGLY_PUBLIC_METRICS=true``.
 
 Defensive limits, since anything on the pod network that reaches this port is
 untrusted: bounded header size, no request bodies worth the name, a deadline
@@ -34,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
@@ -43,6 +46,7 @@ import httpx
 
 from entrypoint.config import HostPort
 from entrypoint.supervision.status import Status
+from entrypoint.web import metrics
 
 MAX_HEADER_BYTES = 8 * 1024
 MAX_BODY_BYTES = 1024
@@ -55,7 +59,8 @@ OVERFLOW_TIMEOUT = 1.0
 MAX_REQUESTS_PER_CONNECTION = 1000
 READ_CHUNK = 4096
 
-PATHS = ("/livez", "/readyz", "/status")
+PATHS = ("/livez", "/readyz", "/status", "/metrics")
+JSON_TYPE = b"application/json"
 _BUSY_BODY = b'{"error":"too many connections"}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
          b"content-length: " + str(len(_BUSY_BODY)).encode() + b"\r\nconnection: close\r\n\r\n" + _BUSY_BODY)
@@ -70,7 +75,7 @@ def _json(data: Any) -> bytes:
 
 
 def answer(status: Status, path: str) -> tuple[int, bytes]:
-    """Status code and JSON body for ``path``: pure, so it is tested without sockets."""
+    """Status code and body for ``path`` (JSON; ``/metrics``: Prometheus text): pure, tested without sockets."""
     if path == "/livez":
         return 200, _json({"status": "alive"})
     if path == "/readyz":
@@ -81,7 +86,14 @@ def answer(status: Status, path: str) -> tuple[int, bytes]:
         return 200, _json({"status": "ready"})
     if path == "/status":
         return 200, _json(status.to_json())
+    if path == "/metrics":
+        return 200, metrics.render(status).encode()
     return 404, _json({"error": "not found", "paths": list(PATHS)})
+
+
+def content_type(path: str, code: int) -> bytes:
+    """The ``Content-Type`` of ``answer(status, path)``'s body."""
+    return metrics.CONTENT_TYPE.encode() if path == "/metrics" and code == 200 else JSON_TYPE
 
 
 def _content_length(request: h11.Request) -> int:
@@ -108,8 +120,12 @@ class HealthServer:
                  request_timeout: float = REQUEST_TIMEOUT,
                  idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS,
-                 max_overflow: int = MAX_OVERFLOW) -> None:
+                 max_overflow: int = MAX_OVERFLOW,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.status = status
+        # Asked before /readyz and /status are answered (e.g. "does SpacetimeDB still answer?"):
+        # checking only when someone asks costs no wake-ups while nobody probes.
+        self.refresh = refresh
         self.host = host
         self._port = port
         self.request_timeout = request_timeout
@@ -265,18 +281,24 @@ class HealthServer:
         method = request.method.upper()
         path = _request_path(request.target)
         extra: list[tuple[bytes, bytes]] = []
+        ctype = JSON_TYPE
         if path in PATHS and method not in (b"GET", b"HEAD"):
             code, body = 405, _json({"error": "method not allowed"})
             extra.append((b"allow", b"GET, HEAD"))
         else:
+            if self.refresh is not None and path in ("/readyz", "/status"):
+                with contextlib.suppress(Exception):
+                    await self.refresh()
             code, body = answer(self.status, path)
-        await self._send(conn, writer, code, body, head=method == b"HEAD", close=close, extra=extra)
+            ctype = content_type(path, code)
+        await self._send(conn, writer, code, body, head=method == b"HEAD", close=close, extra=extra,
+                         content_type=ctype)
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, code: int, body: bytes,
                     *, head: bool = False, close: bool = False,
-                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+                    extra: list[tuple[bytes, bytes]] | None = None, content_type: bytes = JSON_TYPE) -> None:
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
             (b"x-content-type-options", b"nosniff"),

@@ -91,7 +91,7 @@ def stopped_with_sigint(ctr: Container) -> None:
     stopped = {e["child"]: e for e in events if e.get("event") == "child.stopped"}
     assert stopped["spacetimedb"]["exit"] == "exit code 0" and not stopped["spacetimedb"]["killed"]
     # Logged by the stand-in's SIGINT handler only (it has no SIGTERM handler, like the real server).
-    assert [e for e in events if e.get("service") == "spacetimedb" and "Shutting down server" in e["event"]]
+    assert [e for e in events if e.get("service") == "spacetimedb" and "Shutting down server" in e.get("message", "")]
     assert [e["exit_code"] for e in events if e.get("event") == "entrypoint.exit"] == [0]
 
 

@@ -37,7 +37,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     entry = _results.setdefault(key, {"outcome": "passed", "duration_s": 0.0})
     if report.when == "call":
         entry["duration_s"] = round(entry["duration_s"] + report.duration, 2)
-    if report.outcome != "passed" and entry["outcome"] == "passed":
+    if hasattr(report, "wasxfail") and report.outcome == "skipped":
+        entry["outcome"] = "xfailed (known bug, not fixed yet)"  # a strict xfail: the bug still reproduces
+    elif report.outcome != "passed" and entry["outcome"] == "passed":
         entry["outcome"] = "failed" if report.outcome == "failed" else report.outcome
     entry["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

@@ -32,6 +32,12 @@ _STDOUT_ANCHORS = ("tini and dumb-init never write to stdout themselves (the chi
 _PUBLISH_ANCHORS = ("Pogly-specific. The closest anchor feature, one-shot init (s6-rc oneshots, my_init's "
                     "/etc/my_init.d, §1 One-shot init), keeps no state across boots")
 _DISK_ANCHORS = "Not documented for any anchor"
+_REAP_ANCHORS = ("Reaping (§1): tini (`waitpid(-1, WNOHANG)` loop, wakes ≥1/s), dumb-init (on SIGCHLD), s6 (on "
+                 "SIGCHLD) and supervisord (one `reaped unknown pid` log line per orphan) leave 0 zombies of 20; "
+                 "circus reaps lazily (20 zombies at 3 s, 0 at 7 s); honcho never (20 zombies forever). CPU and "
+                 "descriptors with 1,000 orphans (§3 #22): not measured for any anchor")
+_POGLY_ANCHORS = ("Pogly-specific: no anchor knows SpacetimeDB's lock, its identity volume or its publish; the "
+                  "closest anchor feature, one-shot init (§1), keeps no state across boots and has no deadline")
 _ENV_ANCHORS = ("Env / templating (§1): tini and dumb-init read no configuration from the environment; s6's "
                 "`with-contenv` imports it as it is; supervisord (`%(ENV_X)s`) and circus (`$(circus.env.X)`) paste "
                 "values into their config unchecked. None validates values against a table; a bad one surfaces "
@@ -71,22 +77,31 @@ SCENARIOS: dict[str, Scenario] = {
     "test_hostile_logs.py::test_child_cannot_forge_our_events_or_keys": Scenario(
         "13.5",
         "A child prints `{\"msg\": \"entrypoint.exit\", \"exit_code\": 0, \"service\": \"entrypoint\", \"ts\": …, "
-        "\"exc_info\": true}` and a plain `child.started`",
-        "Its fields go under `child_fields`; our keys (`ts`, `level`, `event`, `service`, `stream`, `pid`) are ours "
-        "alone; a message shaped like our event names becomes `caddy: entrypoint.exit`",
+        "\"exc_info\": true}`, the same with `event`/`message`/`child_fields` keys, and a plain `child.started`",
+        "Its fields go under `child_fields`; our keys (`ts`, `level`, `event`, `service`, `stream`, `pid`, "
+        "`message`) are ours alone; every child line is `event: \"child.output\"` with its text in `message` "
+        "(issue 14; before, a message shaped like our event names became `caddy: entrypoint.exit`)",
         "honcho prefixes lines with the process name, supervisord keeps a file per program, none emits JSON "
         "(Supervisor#1326, #1337; §4 #9): no anchor merges a child's fields into its own events"),
+    "test_hostile_logs.py::test_child_cannot_forge_a_console_line_of_ours": Scenario(
+        "13.5",
+        "`LOG_FORMAT=console`: a child's text with a carriage return, a form feed, U+2028 or (in JSON) a newline "
+        "followed by a line shaped like one of ours (`<time> info entrypoint entrypoint.exit`)",
+        "Everything after the break is an indented continuation line: every line that starts with a time is "
+        "one we wrote, with the child's service",
+        "honcho prefixes each line with the process name; tini, dumb-init, s6 and supervisord pass a carriage "
+        "return through to the terminal, where it overwrites the line (§1 Logging)"),
     "test_hostile_logs.py::test_no_jwt_ever_reaches_the_output": Scenario(
         "13.5",
         "Property (hypothesis, 300 examples): random text around a JWT-shaped token, glued with `_`, `%22`, quotes, "
         "`Bearer `, newlines; through a child's stream and as a field of our own event",
-        "The token (and its signature) never appears in the emitted JSON",
+        "The token (and its signature) never appears in the emitted JSON or console lines",
         _LOGS_ANCHORS),
     "test_hostile_logs.py::test_no_private_key_ever_reaches_the_output": Scenario(
         "13.5",
         "Property (hypothesis, 200 examples): a PEM private key of any kind inside random text, on its own lines "
         "or on one line with escaped newlines",
-        "No line of the key's body appears in the emitted JSON",
+        "No line of the key's body appears in the emitted JSON or console lines",
         _LOGS_ANCHORS),
     # -- fault 2: readiness ------------------------------------------------------------------------
     "test_readiness_flood.py::test_flood_of_readyz_on_the_public_port_does_not_flip_readiness": Scenario(
@@ -221,6 +236,13 @@ SCENARIOS: dict[str, Scenario] = {
         "No write blocks; whole lines only; one notice on stderr; once lines flow again a `logs.dropped` line "
         "gives the exact count",
         _STDOUT_ANCHORS),
+    "test_broken_stdout.py::test_lines_batched_within_a_loop_callback_never_block_a_full_pipe_either": Scenario(
+        "13.8",
+        "Unit, a real pipe, inside the event loop (where lines wait for the end of the callback, issue 15): 200 "
+        "lines of 1 KB in one callback into a pipe nobody reads, then the reader catches up",
+        "The same bounds as line by line: no write blocks, whole lines only, one notice, then a `logs.dropped` line "
+        "with the exact count",
+        _STDOUT_ANCHORS),
     "test_broken_stdout.py::test_log_writes_after_the_reader_is_gone_never_raise": Scenario(
         "13.8",
         "Unit, a real pipe: the reader closed (EPIPE), stderr closed as well, a descriptor that is not open "
@@ -239,4 +261,183 @@ SCENARIOS: dict[str, Scenario] = {
         "Exit 69 `caddy.validate_timeout` naming the deadline and the binary (it was 78 `caddy.invalid_config`: "
         "the kill read as a failed validation, and Python's TimeoutError is an OSError)",
         "Not applicable: no anchor validates a child's configuration before starting it"),
+    # -- the supervision anchors' matrix (§3), as PID 1 ------------------------------------------------
+    "test_supervision_matrix.py::test_a_thousand_orphans_are_reaped_without_spin_or_fd_leak": Scenario(
+        "13.matrix",
+        "As PID 1, ready: a child double-forks 1,000 short-lived grandchildren (each orphaned at once), on the "
+        "test's signal",
+        "Every one reaped (no zombie, no orphan left in the namespace; `orphans_reaped` ≥ 1,001); PID 1 back to "
+        "the descriptors it had; under 2 s of PID 1 CPU for the lot (a bound against a spinning reap loop, not a "
+        "benchmark); `/readyz` still 200; SIGTERM → 0",
+        _REAP_ANCHORS),
+    "test_supervision_matrix.py::test_sigint_stops_caddy_then_spacetimedb_and_exits_0": Scenario(
+        "13.matrix",
+        "As PID 1, ready: SIGINT (Ctrl-C at `docker run -it`). SIGTERM's run is "
+        "tests/test_pid1.py::test_full_stack_ready_then_sigterm_stops_caddy_first_and_spacetime_with_sigint",
+        "Same as SIGTERM: one `signal.received` (SIGINT, stopping); Caddy SIGTERM and stopped, then SpacetimeDB "
+        "SIGINT and stopped, in that order; exit 0, not 130",
+        "s6: TERM/INT/QUIT to PID 1 are a shutdown (S3); tini and dumb-init forward it and exit with the child's "
+        "code or 128+signal (T2, D2); honcho exits 130 on INT, 143 on TERM, which Kubernetes reads as a failure "
+        "(§4 #4, tini#69); supervisord and circus always exit 0 (§1 Exit code)"),
+    "test_supervision_matrix.py::test_exec_failure_is_127_after_the_crash_loop_and_a_non_executable_bin_is_78":
+        Scenario(
+            "13.matrix",
+            "As PID 1: `SPACETIME_BIN` a plain file (mode 0644); then a script whose interpreter does not exist "
+            "(passes the executable check, fails at exec)",
+            "The plain file: exit 78 `config.invalid` naming `SPACETIME_BIN`, nothing started. The missing "
+            "interpreter: each spawn fails (`child.spawn_failed` with the binary and a fix), counts as a death "
+            "with the shell's 127, and the crash-loop verdict exits 127 after 5 tries; Caddy stopped. (The "
+            "crash loop's own code and 128+signal: tests/test_pid1.py "
+            "`test_crash_loop_gaps_grow_then_exit_with_the_childs_code`, "
+            "`test_child_killed_by_signal_exits_128_plus_signal`)",
+            "Failed exec is 127 in the §3 #5 matrix; tini and dumb-init exit with the child's code (T2, D2); "
+            "supervisord retries a spawn error `startretries` times, then FATAL, and keeps running with exit 0 "
+            "(V2, §1); circus's `max_retry=5` counts exactly these spawn failures, then gives the watcher up (C1)"),
+    "test_supervision_matrix.py::test_crash_loop_of_a_child_exiting_0_is_not_exit_0": Scenario(
+        "13.matrix",
+        "As PID 1: SpacetimeDB exits 0 at once, every time (a wrapper that returns early)",
+        "Five deaths in 120 s are a crash loop (`child.crash_loop`); the container exits 1, never 0 (0 means "
+        "\"stopped on request\"), so Docker's `restart: on-failure` and a Job's `restartPolicy: OnFailure` "
+        "restart it. Found by this test: it used to exit with the child's 0",
+        "s6-overlay: a cont-init failure still exiting 0 is s6-overlay#183 (§4 #3); tini and dumb-init pass the "
+        "child's 0 on (T2, D2); supervisord and circus always exit 0 (§1 Exit code)"),
+    "test_supervision_matrix.py::test_grandchild_in_its_own_session_does_not_survive_sigterm": Scenario(
+        "13.matrix",
+        "As PID 1: SpacetimeDB (stand-in, `STANDIN_GRANDCHILD`) leaves a `sleep` in a session of its own, out of "
+        "reach of a signal to its process group; SIGTERM",
+        "Exit 0; SpacetimeDB stopped cleanly with SIGINT; the helper swept and named (`entrypoint.straggler_killed`, "
+        "its PID and `sleep`), gone from the host",
+        "dumb-init signals the child's process group and does not wait for it (D2, dumb-init#212); tini signals "
+        "the child or, with `-g`, its group (T2); supervisord only with `killasgroup` (V1); circus SIGKILLs the "
+        "whole tree (C2); none reaches another session but by the namespace's end (§4 #12)"),
+    "test_supervision_matrix.py::test_grandchild_in_its_own_session_does_not_outlive_the_subreaper": Scenario(
+        "13.matrix",
+        "Not PID 1 but a subreaper (`make run`, `docker run --init`): the same helper in its own session; SIGTERM",
+        "The helper, re-parented to us when SpacetimeDB exits, is swept at exit like PID 1's stragglers "
+        "(`entrypoint.straggler_killed`: as a subreaper, our descendants only). Found by this test: the sweep "
+        "used to run only as PID 1, and the helper outlived us under the host's init",
+        "A subreaper anchor (tini `-s`) reaps but does not kill adopted descendants at exit (T1, T2)"),
+    "test_supervision_matrix.py::test_sigstopped_spacetimedb_still_stops_cleanly_within_the_stop_timeout": Scenario(
+        "13.matrix",
+        "As PID 1, ready: SpacetimeDB frozen with SIGSTOP (a debugger, a cgroup freeze); `/readyz`; then SIGTERM "
+        "(POGLY_STOP_TIMEOUT=8)",
+        "Exit 0 within the stop timeout; SIGINT is followed by SIGCONT, so the frozen server wakes, logs "
+        "`Shutting down server` and exits 0 (flushing its commit log). Before: SIGINT stayed pending and it was "
+        "SIGKILLed at the end of its grace (`killed by SIGKILL`), losing up to 500 ms of acknowledged writes",
+        "s6-supervise sends `down-signal` then SIGCONT (S2); tini and dumb-init forward the signal only, so a "
+        "stopped child waits for the orchestrator's SIGKILL; supervisord and circus SIGKILL at their grace (V1, C2)"),
+    "test_supervision_matrix.py::test_frozen_spacetimedb_turns_readyz_503": Scenario(
+        "13.matrix",
+        "As PID 1, ready: SpacetimeDB frozen with SIGSTOP in steady state (it accepts TCP, answers nothing)",
+        "`/readyz` 503 with `spacetimedb: not answering /v1/ping within 2 s` and `spacetime.not_answering` "
+        "logged; after SIGCONT 200 again (`spacetime.answering_again`). The ping is made when a probe asks "
+        "(at most once per 2 s, shared by concurrent askers): no idle wake-ups. Found by this test: "
+        "`/readyz` used to stay 200 indefinitely",
+        "uvicorn's Multiprocess pings each worker (5 s timeout) and SIGKILLs a hung one (U1); s6 and the others "
+        "watch only exits (§1 Readiness)"),
+    "test_supervision_matrix.py::test_sigstopped_caddy_still_stops_within_its_grace": Scenario(
+        "13.matrix",
+        "As PID 1, ready: Caddy frozen with SIGSTOP; SIGTERM",
+        "Caddy woken by SIGCONT after its SIGTERM: a graceful exit 0 within its grace; SpacetimeDB not delayed, "
+        "stopped cleanly; exit 0 within the stop timeout",
+        "As above: only s6-supervise follows the stop signal with SIGCONT (S2)"),
+    "test_supervision_matrix.py::test_stop_wakes_a_frozen_child_so_it_handles_its_stop_signal": Scenario(
+        "13.matrix",
+        "In process, a real `sh` child with a SIGINT trap, SIGSTOPped, then `Child.stop` with a 30 s grace",
+        "Its trap runs (exit 7, not killed), at once: the regression test of the SIGCONT after the stop signal "
+        "(`supervision/process.py`)",
+        "s6-supervise sends SIGCONT after the down-signal (S2)"),
+    # -- monotonic clock ---------------------------------------------------------------------------------
+    "test_wall_clock.py::test_crash_loop_verdict_and_backoff_with_the_wall_clock_jumping_hours": Scenario(
+        "13.matrix",
+        "The real program with its own `time.time()`/`time_ns()` jumping hours at every call, alternately "
+        "forwards and backwards (a real jump would move the host's clock; time namespaces offset only the "
+        "monotonic and boot clocks); SpacetimeDB exits 3 at once, every time",
+        "Restart gaps still grow (4 restarts, the first within 0.2 s) and the 5th death within 120 s is the "
+        "crash-loop verdict: exit 3. Deadlines, backoff and the window use the monotonic clock; the wall clock "
+        "only labels `/status` for people",
+        "supervisord tests a clock rolled back (`clock_rollback`, §3 #21); not measured for the others"),
+    "test_wall_clock.py::test_start_timeout_fires_on_time_with_the_wall_clock_jumping_hours": Scenario(
+        "13.matrix",
+        "As above, with SpacetimeDB never answering `/v1/ping` (`STANDIN_PING_HANG`) and POGLY_START_TIMEOUT=3; "
+        "`/status` read to prove the wrapper is in force",
+        "Exit 69 `child.ready_timeout` after 3 s of monotonic time (uptime between 3 and 30 s), one start, no "
+        "restart",
+        "supervisord tests a clock rolled back (§3 #21); s6's readiness timeouts are monotonic (S5)"),
+    # -- Pogly's own ---------------------------------------------------------------------------------------
+    "test_pogly_faults.py::test_lock_held_by_a_server_outside_the_namespace_then_a_stale_pidfile": Scenario(
+        "13.matrix",
+        "As PID 1: another SpacetimeDB outside our PID namespace holds the data dir's flock; it stops; then a "
+        "holder SIGKILLed leaves `spacetime.pid` naming a dead PID. (Held past POGLY_LOCK_WAIT → 69 and our own "
+        "leftover stopped: tests/test_lifecycle.py)",
+        "`spacetime.lock_held` naming the holder (PID from the file), repeated with backoff; the holder neither "
+        "signalled nor its file touched (same inode); ready once it exits. The stale pidfile delays nothing: no "
+        "`lock_held` at all (the lock is an flock, not the file's existence)",
+        _POGLY_ANCHORS),
+    "test_pogly_faults.py::test_one_signing_key_lost_is_78_naming_it_and_the_data_is_untouched": Scenario(
+        "13.matrix",
+        "As PID 1, after a first boot: `id_ecdsa.pub` deleted from the config volume; restart",
+        "Exit 78 `identity.keys_incomplete` naming the missing file and warning not to delete the other half; "
+        "SpacetimeDB never started, no key minted, the data dir byte-for-byte unchanged",
+        _POGLY_ANCHORS),
+    "test_pogly_faults.py::test_both_signing_keys_lost_is_78_token_rejected_and_nothing_is_rewritten": Scenario(
+        "13.matrix",
+        "As PID 1, after a first boot: both `id_ecdsa` and `id_ecdsa.pub` deleted (SpacetimeDB mints a new pair); "
+        "restart",
+        "Exit 78 `identity.token_rejected`: the stored token no longer verifies; the message says to restore the "
+        "keys from the backup; `cli.toml` not rewritten, nothing published",
+        _POGLY_ANCHORS),
+    "test_pogly_faults.py::test_config_volume_of_another_installation_is_78_not_owner": Scenario(
+        "13.matrix",
+        "As PID 1, SpacetimeDB 1.7.0 and 1.9.0 (the two owner-error shapes: 500 `Permission denied` / 403 "
+        "`not authorized`): the config volume of installation B beside the data of installation A (the wrong "
+        "backup). (`cli.toml` lost: tests/test_lifecycle.py `test_database_owned_by_another_identity_exits_78`)",
+        "Exit 78 `publish.not_owner` in both shapes; the data dir byte-for-byte unchanged, the token not rewritten",
+        _POGLY_ANCHORS),
+    "test_pogly_faults.py::test_publish_cut_mid_upload_is_retried_and_creates_one_database": Scenario(
+        "13.matrix",
+        "As PID 1, first boot: SpacetimeDB drops the connection after 4 bytes of the module upload "
+        "(`STANDIN_PUBLISH_CUT`, once)",
+        "One `spacetime.retrying` (`publish pogly`), then `publish.created` once; one database, its first-boot "
+        "Config applied; ready; SIGTERM → 0",
+        _PUBLISH_ANCHORS),
+    "test_pogly_faults.py::test_spacetimedb_dying_during_publish_is_restarted_and_the_publish_completes": Scenario(
+        "13.matrix",
+        "As PID 1, first boot: SpacetimeDB SIGKILLed mid-upload (`STANDIN_PUBLISH_DIE`, once; pidfile left)",
+        "`child.exited` (killed by SIGKILL), restarted; the publish retried against the new run: `publish.created`, "
+        "one database, onboarding closed; ready; no internal error",
+        _PUBLISH_ANCHORS),
+    "test_pogly_faults.py::test_spacetimedb_hanging_on_ping_is_69_after_the_start_timeout": Scenario(
+        "13.matrix",
+        "As PID 1: SpacetimeDB accepts connections and reads `GET /v1/ping` but never answers "
+        "(`STANDIN_PING_HANG`), POGLY_START_TIMEOUT=3",
+        "Exit 69 `child.ready_timeout` naming POGLY_START_TIMEOUT and 3 s; SpacetimeDB then stopped with SIGINT "
+        "(exit 0, not killed); nothing published, never ready",
+        "s6-notifyoncheck's global timeout defaults to ∞ (S5), s6-overlay's start-up timeout was flipped to ∞ "
+        "(§4 #8); supervisord's RUNNING means up for `startsecs`, no probe (V1); no anchor probes over HTTP"),
+    "test_pogly_faults.py::test_oidc_provider_flapping_is_never_fatal_and_restarts_nothing": Scenario(
+        "13.matrix",
+        "As PID 1: the real `oidc-provider` down at start, then up, down, up, down",
+        "Ready throughout: `unverified` at start, `verified` once it answered (background re-check), and it stays "
+        "`verified` while the provider is gone (its metadata was checked; a restart checks again); `/readyz` 200 "
+        "every time; never `oidc.invalid`/`oidc.unavailable`; no child exited or restarted; SIGTERM → 0",
+        "Not applicable: no anchor checks an identity provider"),
+    "test_pogly_faults.py::test_public_port_taken_is_exit_1_naming_pogly_http_port": Scenario(
+        "13.matrix",
+        "As PID 1: another process listens on POGLY_HTTP_PORT",
+        "Exit 1 (Caddy's failed start, not retried) with `caddy.startup_failed` `variable: POGLY_HTTP_PORT`, "
+        "the port and the fix (\"already in use … set POGLY_HTTP_PORT to a free port\"); one Caddy start; "
+        "SpacetimeDB stopped cleanly. Before: only Caddy's own words in the quoted last lines",
+        "tini and dumb-init exit with Caddy's 1 (T2, D2); supervisord retries `startretries` times, then FATAL, and "
+        "the container stays up (§1 Critical child dies, Supervisor#712)"),
+    "test_env_fuzz.py::test_run_starts_and_stops_0_or_exits_78_naming_the_variable": Scenario(
+        "13.4",
+        "Property (hypothesis, every variable of the table, 6 examples each; `POGLY_FUZZ_RUN_EXAMPLES` for more): "
+        "the real `run` with the variable set to arbitrary bytes (not UTF-8, controls, up to 64 KiB; path values "
+        "under the test's directory)",
+        "Refused by `config.load` → exit 78 naming the variable, nothing created; accepted → both children start, "
+        "`/readyz` 200, SIGTERM → 0, or 78 naming the variable when what it points at is unusable (a module dir "
+        "without the `.wasm`); never a traceback, 1 or 70 (but a valid port some other process holds, named); "
+        "no `.tmp` file left; no directory outside the configured paths (and `$HOME/.config`, the CLI link)",
+        _ENV_ANCHORS),
 }

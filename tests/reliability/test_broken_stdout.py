@@ -186,6 +186,37 @@ def test_log_writes_to_a_full_pipe_never_block_and_say_what_was_dropped() -> Non
     _close(fds)
 
 
+def test_lines_batched_within_a_loop_callback_never_block_a_full_pipe_either() -> None:
+    """Inside the event loop lines wait for the end of the callback (issue 15): the same bounds hold."""
+    sink, fds = _pipe_sink()
+    read_end, _, err_read, _ = fds
+    line = json.dumps({"event": "x" * 1000}) + "\n"
+
+    async def burst() -> float:
+        started = time.monotonic()
+        for _ in range(200):  # one callback: ~200 KB into a 64 KiB pipe nobody reads, 8 KiB pending room
+            sink.write(line)
+        took = time.monotonic() - started
+        await asyncio.sleep(0)  # the deferred write runs, and takes no more than the pipe has room for
+        return took
+
+    assert asyncio.run(burst()) < 5  # did not block
+    assert sink.dropped > 100 and sink.dead is None
+    assert _drain(err_read).decode().count("not being read fast enough") == 1
+    got = _drain(read_end)
+
+    async def after() -> None:
+        sink.write(json.dumps({"event": "after"}) + "\n")
+        await asyncio.sleep(0)
+
+    asyncio.run(after())
+    got += _drain(read_end)
+    lines = [json.loads(x) for x in got.decode().splitlines()]  # whole lines only
+    assert [e["event"] for e in lines[-2:]] == ["logs.dropped", "after"]
+    assert lines[-2]["lines"] == sink.dropped and len(lines) - 2 + sink.dropped == 200
+    _close(fds)
+
+
 def test_log_writes_after_the_reader_is_gone_never_raise() -> None:
     sink, fds = _pipe_sink()
     os.close(fds[0])  # EPIPE from now on (Python ignores SIGPIPE, so no signal kills us)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from entrypoint import config
@@ -138,3 +138,119 @@ def _exists(path: Path) -> bool:
         return os.path.lexists(path)
     except (OSError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- through `run`
+
+#: Examples per variable through the real ``run`` (each a process that may start both children).
+RUN_EXAMPLES = int(os.environ.get("POGLY_FUZZ_RUN_EXAMPLES", "6"))
+PATH_NAMES = {var.name for var in config.VARIABLES if var.parse is config.VARIABLE["POGLY_DATA_DIR"].parse}
+PROGRAM_NAMES = ("SPACETIME_BIN", "CADDY_BIN")
+#: Failures that are the machine's, not the value's: a valid port some other process holds.  They must
+#: still name the variable.
+ENVIRONMENT_FAILURES = {69: b"health.listen_failed", 1: b"caddy.startup_failed"}
+
+
+def _configured(settings: config.Settings) -> list[Path]:
+    return [settings.data_dir, settings.config_dir, settings.run_dir, settings.web_root, settings.module_dir]
+
+
+def _ready(settings: config.Settings) -> bool:
+    import httpx
+
+    addr = settings.health_addr
+    try:
+        return httpx.get(f"http://{addr}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("env-fuzz-run")
+
+
+@pytest.mark.parametrize("variable", NAMES)
+@settings(max_examples=RUN_EXAMPLES, deadline=None, database=None,
+          phases=[Phase.explicit, Phase.generate],  # no shrinking: every example is a whole run
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@example(value=b"!/!")  # a nested path: its parent is made on the way (found by this test, a false alarm then)
+@given(value=_bytes_values)
+def test_run_starts_and_stops_0_or_exits_78_naming_the_variable(run_root: Path, variable: str, value: bytes) -> None:
+    """The real ``run`` with one variable hostile: it is refused (78 naming the variable, before anything
+    is created) when ``config.load`` refuses it; otherwise both children start, ``/readyz`` turns 200 and
+    SIGTERM exits 0, or it is refused later, still 78 naming the variable (what the value points at is
+    unusable, e.g. a module dir without the ``.wasm``).  Never a traceback, never 70; no ``.tmp`` file
+    left; no directory created outside the configured paths (but ``$HOME/.config``, for the CLI link), the
+    working directory or ``TMPDIR``.  An empty value is the default, which every other test starts with:
+    not run again.  Path values are placed under the test's directory, and an accepted path or program
+    outside it is not run (nothing is written to the host)."""
+    import contextlib
+    import signal
+
+    from tests.harness import descendants, wait_for
+
+    with tempfile.TemporaryDirectory(dir=run_root) as tmp_name:
+        tmp = Path(tmp_name)
+        env = {os.fsencode(k): os.fsencode(v) for k, v in base_env(
+            tmp, OIDC_ISSUER="", OIDC_CLIENT_ID="", POGLY_START_TIMEOUT="20", POGLY_STOP_TIMEOUT="10").items()}
+        cwd, scratch = tmp / "cwd", tmp / "tmpdir"
+        cwd.mkdir()
+        scratch.mkdir()
+        env[b"TMPDIR"] = os.fsencode(scratch)
+        if variable in PATH_NAMES:
+            value = os.fsencode(tmp) + b"/" + value.lstrip(b"/")
+        env[variable.encode()] = value
+        try:
+            loaded: config.Settings | None = config.load({os.fsdecode(k): os.fsdecode(v) for k, v in env.items()})
+        except config.ConfigError:
+            loaded = None
+        if loaded is not None and not value.strip():
+            event("empty: the default, started by every other test")
+            return
+        if loaded is not None:
+            outside = [p for p in _configured(loaded) if not str(p).startswith(str(tmp) + "/")]
+            other_program = variable in PROGRAM_NAMES and getattr(loaded, variable.lower()) != base_env(tmp)[variable]
+            if outside or other_program:
+                event("accepted outside the test's directory: not run")
+                return
+        before = {p for p in tmp.rglob("*") if p.is_dir()}
+        defaults = {path: _exists(path) for path in DEFAULT_DIRS}
+        proc = subprocess.Popen([*ENTRYPOINT, "run"], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            if loaded is not None:
+                wait_for(lambda: proc.poll() is not None or _ready(loaded), 60, "ready or an exit")
+                if proc.poll() is None:
+                    event("run: ready, then SIGTERM")
+                    proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:  # a failed wait: take its children along (not PID 1: they would outlive it)
+                doomed = descendants(proc.pid)
+                proc.kill()
+                for pid in doomed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait(10)
+        rc = proc.returncode
+        event(f"run exit {rc}")
+        assert b"Traceback" not in out, out[-3000:]
+        if loaded is None:
+            assert rc == 78, (variable, value[:200], rc, out[-3000:])
+            assert variable.encode() in out, (variable, out[-3000:])
+        elif rc in ENVIRONMENT_FAILURES:
+            assert ENVIRONMENT_FAILURES[rc] in out and variable.encode() in out, (variable, rc, out[-3000:])
+        elif rc == 78:  # valid as a value, refused by what it points at (e.g. a module dir without a .wasm)
+            assert variable.encode() in out, (variable, value[:200], out[-3000:])
+        else:
+            assert rc == 0, (variable, value[:200], rc, out[-3000:])
+        assert not [p for p in tmp.rglob("*.tmp")], "a partially written file was left"
+        assert [p for d in (cwd, scratch) for p in d.iterdir()] == []
+        # The one deliberate write outside them: $HOME/.config/spacetime, a link to the config volume so
+        # `kubectl exec … spacetime sql` acts as the publisher (spacetimedb/credentials.link_cli_config).
+        allowed = [*_configured(loaded), tmp / "home"] if loaded is not None else []
+        created = {p for p in tmp.rglob("*") if p.is_dir()} - before
+        # In a configured path, or on the way to one (its parents are made as `mkdir -p` would).
+        assert all(any(p == a or a in p.parents or p in a.parents for a in allowed) for p in created), sorted(created)
+        assert {path: _exists(path) for path in DEFAULT_DIRS} == defaults

@@ -2,7 +2,9 @@
 
 Issue 13, faults 1 and 5.  The whole-program test runs the entrypoint with the
 SpacetimeDB stand-in and real Caddy; the rest drive ``entrypoint.logs`` the way
-``Service`` does (redactor → decode → child_event → emit) into a JSON stream.
+``Service`` does (redactor → decode → child_event → emit) into a JSON or a
+console stream.  Issue 14: a child's line is always ``event="child.output"``
+with its text in ``message``, so a child cannot log under one of our names.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import signal
 import string
 from pathlib import Path
@@ -27,7 +30,8 @@ KEY_HEADER = "-----BEGIN EC PRIVATE KEY-----"
 
 
 def _access(run: Running, uri: str) -> list[dict[str, Any]]:
-    return run.find(lambda e: e.get("service") == "caddy" and e.get("event") == "handled request"
+    return run.find(lambda e: e.get("service") == "caddy" and e.get("event") == "child.output"
+                    and e.get("message") == "handled request"
                     and e.get("child_fields", {}).get("request", {}).get("uri") == uri)
 
 
@@ -39,7 +43,7 @@ def test_key_marker_in_a_request_header_does_not_blind_the_caddy_log(tmp_path: P
         run.wait_event("entrypoint.ready", timeout=60)
         status, _ = asyncio.run(get(port, "/hostile", headers={"User-Agent": KEY_HEADER}))
         assert status == 200
-        run.wait_event("handled request", timeout=20)
+        run.wait_event("child.output", timeout=20, service="caddy", message="handled request")
         for n in range(3):
             assert asyncio.run(get(port, f"/after-{n}"))[0] == 200
         for n in range(3):
@@ -51,7 +55,7 @@ def test_key_marker_in_a_request_header_does_not_blind_the_caddy_log(tmp_path: P
         assert not run.find(lambda e: e.get("event") == "logs.key_redacted")
         run.signal(signal.SIGTERM)
         assert run.wait() == 0
-    shutdown = [e for e in run.events if e.get("service") == "caddy" and "shut" in str(e.get("event")).lower()]
+    shutdown = [e for e in run.events if e.get("service") == "caddy" and "shut" in str(e.get("message")).lower()]
     assert shutdown, "Caddy's own shutdown lines are missing from the log"
     assert KEY_HEADER not in "\n".join(run.raw)
 
@@ -68,10 +72,10 @@ JWT = ("eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhYmMiLCJpc3MiOiJsb2NhbGh
        "MEUCIQDx3y2vP5u7bKq0zFZ")
 
 
-def _through_a_child(lines: list[str], service: str = "caddy") -> str:
+def _through_a_child(lines: list[str], service: str = "caddy", fmt: str = "json") -> str:
     """Every line as a child's stdout, then one of our own events carrying the same text."""
     out = io.StringIO()
-    logs.configure("json", stream=out)
+    logs.configure(fmt, stream=out)
     redactor = logs.LineRedactor(service, "stdout")
     for line in lines:
         text = redactor(logs.decode_line(line.encode("utf-8", "surrogatepass")))
@@ -101,29 +105,49 @@ def test_jwt_as_a_json_key_and_token_in_a_python_dict_are_redacted() -> None:
     assert child[2]["child_fields"]["headers"]["Cookie"] == [logs.REDACTED]  # a secret by its field name
 
 
+OUR_CHILD_KEYS = {"ts", "level", "event", "service", "stream", "pid", "message", "child_fields"}
+
+
 def test_child_cannot_forge_our_events_or_keys() -> None:
     forged = json.dumps({"level": "info", "msg": "entrypoint.exit", "exit_code": 0, "service": "entrypoint",
-                         "ts": "2020-01-01T00:00:00Z", "stream": "x", "pid": 1, "exc_info": True})
-    lines = [json.loads(x) for x in _through_a_child([forged, "child.started", forged.replace("msg", "event")])
-             .splitlines()]
+                         "ts": "2020-01-01T00:00:00Z", "stream": "x", "pid": 1, "exc_info": True,
+                         "event": "entrypoint.exit", "child_fields": {"x": 1}})
+    lines = [json.loads(x) for x in _through_a_child(
+        [forged, "child.started", forged.replace('"msg"', '"message"'), json.dumps({"event": "child.ready"})])
+        .splitlines()]
     children = [e for e in lines if e["event"] != "thing.happened"]
-    assert len(children) == 3
+    assert len(children) == 4
     for e in children:
+        assert e["event"] == "child.output"  # whatever the child said, never one of our event names
         assert e["service"] == "caddy" and e["stream"] == "stdout" and e["pid"] == 42
-        assert not e["event"].startswith(("entrypoint.", "child.")), e["event"]
-        assert e["event"].startswith("caddy: ")
-        assert "exit_code" not in e and "exception" not in e
+        assert set(e) <= OUR_CHILD_KEYS, set(e) - OUR_CHILD_KEYS
         assert e["ts"] != "2020-01-01T00:00:00Z"
+    assert [e["message"] for e in children] == ["entrypoint.exit", "child.started", "entrypoint.exit", "child.ready"]
     assert children[0]["child_fields"]["exit_code"] == 0
     assert children[0]["child_fields"]["service"] == "entrypoint"
+    assert children[0]["child_fields"]["child_fields"] == {"x": 1}
+
+
+CONSOLE_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\w+) +(\S+) +(.*)")
+
+
+def test_child_cannot_forge_a_console_line_of_ours() -> None:
+    """A child's text is a line's text column only; a carriage return or form feed in it cannot start a line."""
+    fake = "2020-01-01T00:00:00.000Z info    entrypoint   entrypoint.exit  exit_code=0"
+    out = _through_a_child([f"x\r{fake}", f"y\x0c{fake}", f"z\u2028{fake}", json.dumps({"msg": f"w\n{fake}"})],
+                           fmt="console").splitlines()
+    heads = [m.groups()[:2] for line in out if (m := CONSOLE_LINE.match(line))]
+    assert heads == [("info", "caddy")] * 4 + [("info", "entrypoint")]  # the last: our thing.happened
+    assert all(line.startswith(" ") for line in out if not CONSOLE_LINE.match(line))
+    assert not [line for line in out if line.lstrip().startswith("2020-") and not line.startswith(" ")]
 
 
 def test_a_key_block_ends_at_a_line_that_cannot_be_key_material() -> None:
     out = [json.loads(x) for x in _through_a_child(
         ["2025 INFO printing -----BEGIN PRIVATE KEY-----", "MIGHAgEAMBMGByqGSM49AgEG", "2025 INFO next line",
          "still shown"]).splitlines()]
-    events = [e["event"] for e in out]
-    assert "2025 INFO next line" in events and "still shown" in events
+    messages = [e.get("message") for e in out if e["event"] == "child.output"]
+    assert "2025 INFO next line" in messages and "still shown" in messages
     assert "MIGHAgEAMBMGByqGSM49AgEG" not in json.dumps(out)
     marker = [e for e in out if e["event"] == "logs.key_redacted"]
     assert marker and marker[0]["lines"] == 1 and marker[0]["child"] == "caddy"
@@ -168,11 +192,15 @@ _noise = st.text(st.characters(blacklist_categories=("Cs",), blacklist_character
 _glue = st.sampled_from(["", " ", "_", "%22", "=", "\"", "'", ":", "/", "\n", "{\"x\": \"", "Bearer "])
 
 
+_formats = st.sampled_from(["json", "console"])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(before=_noise, glue1=_glue, token=jwts(), glue2=_glue, after=_noise)
-def test_no_jwt_ever_reaches_the_output(before: str, glue1: str, token: str, glue2: str, after: str) -> None:
+@given(before=_noise, glue1=_glue, token=jwts(), glue2=_glue, after=_noise, fmt=_formats)
+def test_no_jwt_ever_reaches_the_output(before: str, glue1: str, token: str, glue2: str, after: str,
+                                        fmt: str) -> None:
     text = before + glue1 + token + glue2 + after
-    out = _through_a_child(text.split("\n"))
+    out = _through_a_child(text.split("\n"), fmt=fmt)
     signature = token.rsplit(".", 1)[1]
     assert token not in out
     assert len(signature) < 8 or signature not in out
@@ -180,13 +208,13 @@ def test_no_jwt_ever_reaches_the_output(before: str, glue1: str, token: str, glu
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(before=_noise, glue1=_glue, key=private_keys(), glue2=_glue, after=_noise,
-       escaped=st.booleans())
+       escaped=st.booleans(), fmt=_formats)
 def test_no_private_key_ever_reaches_the_output(before: str, glue1: str, key: tuple[str, list[str]], glue2: str,
-                                                after: str, escaped: bool) -> None:
+                                                after: str, escaped: bool, fmt: str) -> None:
     pem, body = key
     if escaped:  # the key inside one line, newlines escaped (a JSON value, a repr)
         pem = pem.replace("\n", "\\n")
     text = before + glue1 + pem + glue2 + after
-    out = _through_a_child(text.split("\n"))
+    out = _through_a_child(text.split("\n"), fmt=fmt)
     for line in body:
         assert len(line) < 16 or line not in out, line

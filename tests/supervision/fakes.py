@@ -227,7 +227,7 @@ class Toy(Service):
         return ChildSpec(self.name, ["/usr/bin/toy"], {})
 
     def on_line(self, stream: str, fields: dict[str, Any]) -> None:
-        if fields["event"] == "toy is ready":
+        if fields.get("message") == "toy is ready":
             self._ready.set()
 
 

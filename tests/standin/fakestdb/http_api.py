@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -166,6 +168,8 @@ class Api:
     # -- misc routes ---------------------------------------------------------------------------
 
     async def ping(self, request: web.Request) -> web.StreamResponse:
+        if os.environ.get("STANDIN_PING_HANG"):  # test switch: accept, read the request, never answer
+            await asyncio.Event().wait()
         await self._auth_optional(request)
         return _text(200)
 
@@ -254,6 +258,8 @@ class Api:
     async def publish_new(self, request: web.Request) -> web.StreamResponse:
         caller = await self._auth_or_anonymous(request)
         host_type, _ = self._publish_params(request)
+        if await _publish_faults(request):
+            return _text(500)
         program = await request.read()
         db = self.store.create_database(caller.identity, None, host_type, program)
         return self._success(db, None, "created")
@@ -262,6 +268,8 @@ class Api:
         caller = await self._auth_or_anonymous(request)
         host_type, clear = self._publish_params(request)
         name = request.match_info["name"]
+        if await _publish_faults(request):
+            return _text(500)
         program = await request.read()
         ident = norm_hex(name, 32)
         db = self.store.resolve(ident or name)
@@ -540,6 +548,35 @@ class Api:
                 reducer=reducer, args=raw_args if isinstance(raw_args, bytes | str) else json.dumps(raw_args),
                 request_id=request_id, micros=micros,
             ))
+
+
+def _once(switch: str) -> bool:
+    """A test switch whose value is a marker file: fires once, the first time (it creates the file)."""
+    marker = os.environ.get(switch)
+    if not marker:
+        return False
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+async def _publish_faults(request: web.Request) -> bool:
+    """Test switches on a publish (``POST``/``PUT /v1/database``), each once per marker file.
+
+    ``STANDIN_PUBLISH_CUT``: read part of the uploaded module, then drop the connection (no answer).
+    ``STANDIN_PUBLISH_DIE``: read part of the upload, then die of SIGKILL (nothing flushed, pidfile left).
+    """
+    cut, die = _once("STANDIN_PUBLISH_CUT"), _once("STANDIN_PUBLISH_DIE")
+    if not (cut or die):
+        return False
+    await request.content.read(4)
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if request.transport is not None:
+        request.transport.abort()
+    return True  # the caller answers nothing: the connection is gone and nothing is published
 
 
 class _Connection:

@@ -250,6 +250,7 @@ def run_start(args: StartArgs, exe_path: str) -> int:
     pub, priv = _key_paths(args, config)
     keys = ServerKeys(pub, priv)
     pidfile = PidFile(os.path.join(args.data_dir, "spacetime.pid"))
+    _spawn_grandchild()
     try:
         println(f"database running in data directory {args.data_dir}")
         if not os.environ.get("SPACETIMEDB_DISABLE_DISK_LOGGING"):
@@ -258,6 +259,23 @@ def run_start(args: StartArgs, exe_path: str) -> int:
     except BaseException:
         pidfile.remove()  # the real server's lock guard is dropped on error, deleting the file
         raise
+
+
+def _spawn_grandchild() -> None:
+    """``STANDIN_GRANDCHILD=<file>`` (test switch): leave a ``sleep`` in a session of its own, PID in <file>.
+
+    It is in neither our process group nor our session, so a signal to the group misses it: what a
+    helper daemon started by a server looks like to the supervisor.
+    """
+    target = os.environ.get("STANDIN_GRANDCHILD")
+    if not target:
+        return
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "3600"], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(target, "a") as f:
+        f.write(f"{proc.pid}\n")
 
 
 async def _serve(args: StartArgs, version: Version, keys: Any, pidfile: PidFile, log: StdoutLog, host: str,
