@@ -149,6 +149,17 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def kill_with_descendants(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``proc`` and everything below it, then reap it: when it is not PID 1 its children would
+    outlive it (and a test that failed half-way must not leave a stand-in or Caddy behind)."""
+    doomed = descendants(proc.pid)
+    proc.kill()
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+
+
 class Running:
     """A ``pogly-entrypoint`` process whose JSON log lines are collected as they come."""
 

@@ -1443,8 +1443,13 @@ def doc_blocks(language: str) -> list[str]:
 
 def doc_commands() -> list[str]:
     """The shell commands of the guide's sections above (``sh`` blocks, continuations joined, comments dropped)."""
+    return shell_commands(doc_blocks("sh"))
+
+
+def shell_commands(blocks: list[str]) -> list[str]:
+    """The commands of ``sh`` code blocks: continuations joined, comments and blank lines dropped."""
     commands = []
-    for block in doc_blocks("sh"):
+    for block in blocks:
         pending = ""
         for line in block.splitlines():
             line = re.sub(r"\s+#.*$", "", line).rstrip()

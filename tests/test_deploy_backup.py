@@ -27,6 +27,7 @@ from tests.test_deploy import (
     flux_objects,
     kustomize_build,
     one,
+    shell_commands,
     validate_object,
 )
 
@@ -183,19 +184,7 @@ def backup_section() -> str:
 
 
 def section_commands() -> list[str]:
-    commands = []
-    for block in re.findall(r"^```sh\n(.*?)^```", backup_section(), flags=re.DOTALL | re.MULTILINE):
-        pending = ""
-        for line in block.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).rstrip()
-            if line.endswith("\\"):
-                pending += line[:-1] + " "
-                continue
-            line = (pending + line).strip()
-            pending = ""
-            if line and not line.startswith("#"):
-                commands.append(line)
-    return commands
+    return shell_commands(re.findall(r"^```sh\n(.*?)^```", backup_section(), flags=re.DOTALL | re.MULTILINE))
 
 
 def first_command(line: str) -> list[str]:

@@ -147,18 +147,13 @@ class FifoRun:
 
     def close(self) -> None:
         """Kill whatever is left (the entrypoint's tree and cat): a failed test leaves nothing behind."""
-        from tests.harness import descendants
+        from tests.harness import kill_with_descendants
 
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.reader.pid, signal.SIGCONT)
         for proc in (self.proc, self.reader):
             if proc.poll() is None:
-                doomed = descendants(proc.pid)
-                proc.kill()
-                for pid in doomed:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                proc.wait(10)
+                kill_with_descendants(proc)
         for thread in self._threads:
             thread.join(5)
 

@@ -185,10 +185,9 @@ def test_run_starts_and_stops_0_or_exits_78_naming_the_variable(run_root: Path, 
     working directory or ``TMPDIR``.  An empty value is the default, which every other test starts with:
     not run again.  Path values are placed under the test's directory, and an accepted path or program
     outside it is not run (nothing is written to the host)."""
-    import contextlib
     import signal
 
-    from tests.harness import descendants, wait_for
+    from tests.harness import kill_with_descendants, wait_for
 
     with tempfile.TemporaryDirectory(dir=run_root) as tmp_name:
         tmp = Path(tmp_name)
@@ -227,12 +226,7 @@ def test_run_starts_and_stops_0_or_exits_78_naming_the_variable(run_root: Path, 
             out, _ = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:  # a failed wait: take its children along (not PID 1: they would outlive it)
-                doomed = descendants(proc.pid)
-                proc.kill()
-                for pid in doomed:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                proc.wait(10)
+                kill_with_descendants(proc)
         rc = proc.returncode
         event(f"run exit {rc}")
         assert b"Traceback" not in out, out[-3000:]
