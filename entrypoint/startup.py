@@ -188,7 +188,7 @@ class Health:
                  refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.status = status
-        self.refresh = refresh  # asked before /readyz and /status: is a ready SpacetimeDB still answering?
+        self.refresh = refresh  # asked before /readyz, /status and /metrics: is a ready SpacetimeDB still answering?
         self.server: HealthServer | None = None
 
     async def start(self) -> None:

@@ -286,7 +286,7 @@ class HealthServer:
             code, body = 405, _json({"error": "method not allowed"})
             extra.append((b"allow", b"GET, HEAD"))
         else:
-            if self.refresh is not None and path in ("/readyz", "/status"):
+            if self.refresh is not None and path in ("/readyz", "/status", "/metrics"):
                 with contextlib.suppress(Exception):
                     await self.refresh()
             code, body = answer(self.status, path)
