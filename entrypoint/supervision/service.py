@@ -303,6 +303,7 @@ class Service:
     def _became_ready(self, child: ChildHandle) -> None:
         self.info.state = state.READY
         self.info.ready_seconds = round(self.clock() - self.launched_at, 3)
+        self.status.unanswered.pop(self.name, None)  # a new run answered its readiness check: no stale "not answering"
         if not self.first_ready.is_set():
             log.info("child.ready", child=self.name, pid=child.pid,
                      startup_ms=round((self.clock() - self.launched_at) * 1000, 1))
