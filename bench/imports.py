@@ -28,13 +28,13 @@ from bench import procfs, report
 from bench.harness import Boot, ready_checks, wait_ready
 
 HELPER_RUNS = 3
-NAMED = ("asyncio", "structlog", "httpx", "httpcore", "h11", "anyio", "jinja2", "markupsafe", "tenacity", "ssl",
-         "entrypoint")
+NAMED = ("asyncio", "structlog", "h11", "jinja2", "markupsafe", "blake3", "entrypoint")
 _LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)\s*$")
 
 # Runs in a fresh interpreter: import each module named on stdin in order, report VmRSS (kB) after each.
 HELPER = r"""
 import importlib, json, sys
+sys.modules["ssl"] = None  # as in PID 1 (startup.run): a refused import still prints an importtime line
 def rss():
     with open("/proc/self/status") as fh:
         for line in fh:

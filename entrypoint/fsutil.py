@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,30 @@ class WriteFailed(Fatal, OSError):
         """Exit 78 naming ``variable=directory``, the file, the reason and the fix."""
         return Fatal(EXIT_CONFIG, f"{variable}={directory} is not writable: {self}; {self.fix}",
                      event="config.dir_unwritable", variable=variable, **self.fields)
+
+
+def read_small_file(path: Path, limit: int = 64 * 1024) -> bytes | None:
+    """The bytes of a small regular file we wrote ourselves; None for anything else.
+
+    For our own bookkeeping files (stamps, memos): whatever sits there instead
+    (a FIFO, a device, a directory, a huge file) must neither block the start
+    (a FIFO's open waits for a writer, hence ``O_NONBLOCK``) nor fill memory;
+    the caller then acts as if there were none.  Raises nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= limit else None
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:

@@ -66,6 +66,15 @@ Early = tuple[int, int, int, float]  # a child spawned before the loop: pid, std
 
 def run(settings: Settings, pending: list[tuple[int, float]]) -> NoReturn:
     """Before the event loop: become the reaper, spawn SpacetimeDB, set up logging; then ``serve``."""
+    # No TLS in PID 1 (issue 15): it only speaks plain HTTP/1.1 to loopback (SpacetimeDB, our health server,
+    # through entrypoint/localhttp.py), yet asyncio imports ssl anyway (CPython 3.11 Lib/asyncio/base_events.py,
+    # sslproto.py, selector_events.py: `try: import ssl except ImportError: ssl = None`): 4.3 MB resident for
+    # the container's life.  A None entry makes that import fail, so asyncio runs without TLS support.  What
+    # would break: importing ssl or httpx anywhere in this process (ImportError), asking asyncio for ssl= or
+    # start_tls, an https:// URL through http.client/urllib (they import ssl the same guarded way).  The OIDC
+    # check, the one TLS client, runs in the separate `oidc-check` process (its own interpreter, unaffected).
+    # setdefault: when something already loaded ssl, leave it be.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     # Adopt orphans before the first child exists (PID 1 does so by nature).
     role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
     # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from entrypoint import localhttp
 from entrypoint.config import Settings
 from entrypoint.spacetimedb.credentials import Publisher, cli_document, write_cli_toml
 from entrypoint.spacetimedb.identity import from_claims
@@ -351,7 +352,7 @@ def test_a_polling_watcher_stops_once_owner_set_ran(world: World) -> None:
     status = Status()
 
     async def main() -> str:
-        async with httpx.AsyncClient(base_url=world.standin.addr.url, timeout=10) as client:
+        async with localhttp.AsyncClient(base_url=world.standin.addr.url, timeout=10) as client:
             async def run_sql(statement: str) -> list[dict[str, Any]]:
                 return await sql(client, world.publisher, "pogly", statement)
 

@@ -32,6 +32,7 @@ import pytest
 from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 
+from entrypoint import localhttp
 from entrypoint.config import Settings
 from entrypoint.spacetimedb import ownership
 from entrypoint.spacetimedb.credentials import Publisher
@@ -425,7 +426,7 @@ def test_not_pogly_is_skipped(tmp_path: Path) -> None:
 
 
 def test_outage_is_logged_once_and_polling_goes_on(tmp_path: Path) -> None:
-    db = FakeDb(fail_next=[httpx.ConnectError("refused"), httpx.ConnectError("refused"),
+    db = FakeDb(fail_next=[localhttp.ConnectError("refused"), localhttp.ConnectError("refused"),
                            SqlError("pogly", "x", 503, "busy")])
     alice = db.connect("01", "alice")
     watcher = fake_watcher(tmp_path, db, FakeSleep())
@@ -564,7 +565,7 @@ class Db:
         self.standin.start()
 
     async def sql(self, statement: str) -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=self.base) as client:
+        async with localhttp.AsyncClient(base_url=self.base) as client:
             return await sql(client, self.publisher, "pogly", statement)
 
     async def owner(self) -> str:
@@ -653,7 +654,7 @@ class LiveWatcher:
 
 
 def start_watcher(db: Db, settings: Settings, status: Status | None = None) -> LiveWatcher:
-    client = httpx.AsyncClient(base_url=db.base, timeout=10)
+    client = localhttp.AsyncClient(base_url=db.base, timeout=10)
 
     async def run_sql(statement: str) -> list[dict[str, Any]]:
         return await sql(client, db.publisher, "pogly", statement)
@@ -744,7 +745,7 @@ def test_the_module_log_rings_the_watcher_when_someone_signs_in(db: Db, idp: Idp
     async def main() -> None:
         status = Status()
         bell = ownership.ConnectionBell()
-        async with httpx.AsyncClient(base_url=db.base, timeout=10) as client:
+        async with localhttp.AsyncClient(base_url=db.base, timeout=10) as client:
             settings = live_settings(db, idp.issuer)
             watcher = Watcher(settings, "pogly", ownership.bound_sql(client, db.publisher, "pogly"),
                               status.module("pogly"), sleep=sleep, bell=bell)
@@ -861,7 +862,7 @@ def test_already_claimed_is_untouched_across_restarts(db: Db, idp: Idp) -> None:
             bob = await sdk_tab(db, idp, "bob")  # eligible, and connected before the watcher looks
             status = Status()
             with capture_logs() as cap:
-                async with httpx.AsyncClient(base_url=db.base) as client:
+                async with localhttp.AsyncClient(base_url=db.base) as client:
                     await asyncio.wait_for(
                         watch(live_settings(db, idp.issuer), status, client, db.publisher, "pogly"), DEADLINE)
             assert await db.owner() == alice
@@ -925,7 +926,7 @@ def test_crash_between_update_and_insert_is_completed_on_next_boot(db: Db, idp: 
 
     async def first_boot() -> None:
         tab = await sdk_tab(db, idp, "alice")
-        async with httpx.AsyncClient(base_url=db.base) as client:
+        async with localhttp.AsyncClient(base_url=db.base) as client:
             async def crashing(statement: str) -> list[dict[str, Any]]:
                 rows = await sql(client, db.publisher, "pogly", statement)
                 if statement.startswith("UPDATE Config"):
@@ -947,7 +948,7 @@ def test_crash_between_update_and_insert_is_completed_on_next_boot(db: Db, idp: 
         bob = await sdk_tab(db, idp, "bob")  # eligible and connected: must not become a second owner
         status = Status()
         with capture_logs() as cap:
-            async with httpx.AsyncClient(base_url=db.base) as client:
+            async with localhttp.AsyncClient(base_url=db.base) as client:
                 await asyncio.wait_for(watch(settings, status, client, db.publisher, "pogly"), DEADLINE)
         assert await db.owner() == alice
         assert await db.owner_permissions() == [alice]
@@ -967,7 +968,7 @@ def test_strict_mode_without_owner_subjects_is_disabled_live(db: Db, idp: Idp) -
         alice = await sdk_tab(db, idp, "alice")
         status = Status()
         with capture_logs() as cap:
-            async with httpx.AsyncClient(base_url=db.base) as client:
+            async with localhttp.AsyncClient(base_url=db.base) as client:
                 await asyncio.wait_for(watch(live_settings(db, idp.issuer, strict_mode=True), status, client,
                                              db.publisher, "pogly"), DEADLINE)
         assert status.module("pogly").ownership == "disabled"

@@ -66,6 +66,9 @@ def test_full_stack_ready_then_sigterm_stops_caddy_first_and_spacetime_with_sigi
         took = time.monotonic() - t0
     stopping = run.find(lambda e: e.get("event") == "child.stopping")
     assert [(e["child"], e["signal"]) for e in stopping] == [("caddy", "SIGTERM"), ("spacetimedb", "SIGINT")]
+    # SpacetimeDB is told only once Caddy has drained every server (its "shutdown complete" line).
+    [done] = run.find(lambda e: e.get("service") == "caddy" and e.get("message") == "shutdown complete")
+    assert run.events.index(done) < run.events.index(stopping[1])
     stopped = {e["child"]: e for e in run.find(lambda e: e.get("event") == "child.stopped")}
     assert stopped["caddy"]["exit"] == "exit code 0" and not stopped["caddy"]["killed"]
     assert stopped["spacetimedb"]["exit"] == "exit code 0" and not stopped["spacetimedb"]["killed"]

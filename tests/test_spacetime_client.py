@@ -18,15 +18,15 @@ import shutil
 import stat
 import tomllib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from entrypoint import localhttp
 from entrypoint.config import HostPort, Settings
 from entrypoint.errors import Fatal
 from entrypoint.spacetimedb import publish
@@ -398,7 +398,7 @@ def test_module_log_event_mapping() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Mock SpacetimeDB (httpx.MockTransport)
+# Mock SpacetimeDB (a scripted localhttp transport)
 # ---------------------------------------------------------------------------
 
 
@@ -412,10 +412,10 @@ class MockStdb:
         self.dbs: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.sql_log: list[str] = []
-        self.injected: dict[tuple[str, str], list[Callable[[], httpx.Response]]] = {}
+        self.injected: dict[tuple[str, str], list[Callable[[], localhttp.Response]]] = {}
         self.info_has_owner = True
 
-    def inject(self, method: str, path: str, *answers: Callable[[], httpx.Response]) -> None:
+    def inject(self, method: str, path: str, *answers: Callable[[], localhttp.Response]) -> None:
         self.injected.setdefault((method, path), []).extend(answers)
 
     def issue(self) -> tuple[str, str]:
@@ -430,100 +430,101 @@ class MockStdb:
         self.dbs[name] = {"identity": ident, "owner": owner, "wasm": wasm, "config": row}
         return ident
 
-    def _caller(self, request: httpx.Request) -> str | bool | None:
+    def _caller(self, request: localhttp.Request) -> str | bool | None:
         auth = request.headers.get("authorization", "")
         if not auth:
             return None
         ident = self.valid.get(auth.removeprefix("Bearer "))
         return ident if ident else False
 
-    def _not_owner(self, caller: str, db: dict[str, Any], route: str) -> httpx.Response:
+    def _not_owner(self, caller: str, db: dict[str, Any], route: str) -> localhttp.Response:
         if self.version != "1.7.0":
-            return httpx.Response(403, text=f"{caller} is not authorized to perform action on database "
+            return localhttp.Response(403, text=f"{caller} is not authorized to perform action on database "
                                             f"{db['identity']}: update database")
         if route == "pre_publish":
-            return httpx.Response(401, text=f"Identity does not own database, expected: {db['owner']} got: {caller}")
-        return httpx.Response(500, text=f"Permission denied: `{caller}` does not own database "
+            return localhttp.Response(401, text=f"Identity does not own database, expected: {db['owner']} "
+                                                f"got: {caller}")
+        return localhttp.Response(500, text=f"Permission denied: `{caller}` does not own database "
                                         f"`{db['identity'][:16]}`")
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
+    def __call__(self, request: localhttp.Request) -> localhttp.Response:
+        path = request.path
         self.requests.append((request.method, path))
         queued = self.injected.get((request.method, path))
         if queued:
             return queued.pop(0)()
         caller = self._caller(request)
         if caller is False:
-            return httpx.Response(401, text="TokenError(Error(InvalidSignature))")
+            return localhttp.Response(401, text="TokenError(Error(InvalidSignature))")
         parts = path.strip("/").split("/")
         if path == "/v1/identity" and request.method == "POST":
             token, ident = self.issue()
-            return httpx.Response(200, json={"identity": ident, "token": token})
+            return localhttp.Response(200, json={"identity": ident, "token": token})
         if parts[:2] == ["v1", "identity"] and parts[-1] == "verify":
             if caller is None:
-                return httpx.Response(401)
-            return httpx.Response(204 if caller == parts[2] else 400)
+                return localhttp.Response(401)
+            return localhttp.Response(204 if caller == parts[2] else 400)
         if parts[:2] != ["v1", "database"]:
-            return httpx.Response(404)
+            return localhttp.Response(404)
         name, rest = parts[2], parts[3:]
         db = self.dbs.get(name)
         if request.method == "GET" and rest == ["identity"]:
-            return httpx.Response(200, text=db["identity"]) if db else httpx.Response(404)
+            return localhttp.Response(200, text=db["identity"]) if db else localhttp.Response(404)
         if request.method == "GET" and rest == []:
             if not db:
-                return httpx.Response(404)
+                return localhttp.Response(404)
             info: dict[str, Any] = {"database_identity": {"__identity__": "0x" + db["identity"]}}
             if self.info_has_owner:
                 info["owner_identity"] = {"__identity__": "0x" + db["owner"]}
-            return httpx.Response(200, json=info)
+            return localhttp.Response(200, json=info)
         if request.method == "POST" and rest == ["pre_publish"]:
             if not db:
-                return httpx.Response(404)
+                return localhttp.Response(404)
             if caller != db["owner"]:
                 return self._not_owner(str(caller), db, "pre_publish")
-            return httpx.Response(200, json={"migrate_plan": "", "break_clients": False, "token": "0x00"})
+            return localhttp.Response(200, json={"migrate_plan": "", "break_clients": False, "token": "0x00"})
         if request.method == "PUT" and rest == []:
-            assert request.url.params.get("host_type") == "Wasm"
-            assert "clear" not in request.url.params
+            assert request.params.get("host_type") == "Wasm"
+            assert "clear" not in request.params
             if db is None:
                 ident = self.add_db(name, str(caller), request.content)
                 if not self.pogly:
                     self.dbs[name]["config"] = None
-                return httpx.Response(200, json={"Success": {"domain": name, "database_identity": ident,
+                return localhttp.Response(200, json={"Success": {"domain": name, "database_identity": ident,
                                                              "op": "created"}})
             if caller != db["owner"]:
                 return self._not_owner(str(caller), db, "publish")
             db["wasm"] = request.content
-            return httpx.Response(200, json={"Success": {"domain": name, "database_identity": db["identity"],
+            return localhttp.Response(200, json={"Success": {"domain": name, "database_identity": db["identity"],
                                                          "op": "updated"}})
         if request.method == "POST" and rest == ["sql"]:
             return self._sql(db, caller, request.content.decode())
-        return httpx.Response(404)
+        return localhttp.Response(404)
 
-    def _sql(self, db: dict[str, Any] | None, caller: Any, statement: str) -> httpx.Response:
+    def _sql(self, db: dict[str, Any] | None, caller: Any, statement: str) -> localhttp.Response:
         self.sql_log.append(statement)
         if db is None:
-            return httpx.Response(404, text="module not found")
+            return localhttp.Response(404, text="module not found")
         row = db["config"]
         if row is None:
-            return httpx.Response(400, text="`Config` is not a valid table")
+            return localhttp.Response(400, text="`Config` is not a valid table")
         if statement.startswith("SELECT"):
             names = list(row)
             cells = [["0x" + v] if k == "OwnerIdentity" else v for k, v in row.items()]
-            return httpx.Response(200, json=[{"schema": {"elements": [
+            return localhttp.Response(200, json=[{"schema": {"elements": [
                 {"name": {"some": n}, "algebraic_type": {"String": []}} for n in names]},
                 "rows": [cells]}])
         if caller != db["owner"]:
-            return httpx.Response(400, text="Only owners are authorized to run SQL DML statements")
+            return localhttp.Response(400, text="Only owners are authorized to run SQL DML statements")
         for column, literal in re.findall(r"(\w+) = ('(?:[^']|'')*'|true|false)", statement):
             if column != "Version":
                 row[column] = (literal[1:-1].replace("''", "'") if literal.startswith("'")
                                else literal == "true")
-        return httpx.Response(200, json=[{"schema": {"elements": []}, "rows": []}])
+        return localhttp.Response(200, json=[{"schema": {"elements": []}, "rows": []}])
 
 
-def client_for(mock: MockStdb) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url="http://127.0.0.1:3000", transport=httpx.MockTransport(mock))
+def client_for(mock: MockStdb) -> localhttp.AsyncClient:
+    return localhttp.AsyncClient(base_url="http://127.0.0.1:3000", transport=mock)
 
 
 def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -633,8 +634,8 @@ def test_invalid_cli_toml_is_fatal_and_kept(tmp_path: Path) -> None:
 def test_transient_errors_are_retried(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
-    mock.inject("POST", "/v1/identity", lambda: httpx.Response(503, text="starting"),
-                lambda: (_ for _ in ()).throw(httpx.ConnectError("refused")))
+    mock.inject("POST", "/v1/identity", lambda: localhttp.Response(503, text="starting"),
+                lambda: (_ for _ in ()).throw(localhttp.ConnectError("refused")))
 
     async def main() -> Publisher:
         async with client_for(mock) as client:
@@ -649,11 +650,11 @@ def test_transient_errors_are_retried(tmp_path: Path) -> None:
 def test_unreachable_is_fatal_69(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    def refuse(request: localhttp.Request) -> localhttp.Response:
+        raise localhttp.ConnectError("connection refused", request=request)
 
     async def main() -> None:
-        async with httpx.AsyncClient(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(refuse)) as c:
+        async with localhttp.AsyncClient(base_url="http://127.0.0.1:9", transport=refuse) as c:
             await ensure_identity(settings, c, home=tmp_path / "home", backoff=FAST)
 
     with pytest.raises(Fatal) as err:
@@ -729,7 +730,7 @@ def test_update_failure_keeps_the_old_module_but_is_not_ready(tmp_path: Path) ->
     old_hash = json.loads((settings.config_dir / "pogly-entrypoint.json").read_text())["modules"]["pogly"]["hash"]
     (settings.module_dir / "pogly.wasm").write_bytes(make_module(extra="broken release"))
     mock.inject("PUT", "/v1/database/pogly",
-                lambda: httpx.Response(400, text="Error: incompatible schema change: column removed"))
+                lambda: localhttp.Response(400, text="Error: incompatible schema change: column removed"))
     with capture_logs() as logs:
         status = _publish(mock, settings, pub)
     info = status.module("pogly")
@@ -754,7 +755,7 @@ def test_update_failure_after_retries_is_not_ready(tmp_path: Path) -> None:
     pub = Publisher(*reversed(mock.issue()))
     _publish(mock, settings, pub)
     (settings.module_dir / "pogly.wasm").write_bytes(make_module(extra="v2"))
-    mock.inject("PUT", "/v1/database/pogly", *[lambda: httpx.Response(502, text="bad gateway")] * 10_000)
+    mock.inject("PUT", "/v1/database/pogly", *[lambda: localhttp.Response(502, text="bad gateway")] * 10_000)
     status = _publish(mock, settings, pub)
     assert status.module("pogly").serving is True
     assert status.module("pogly").publish_result.startswith("failed: ")
@@ -765,14 +766,14 @@ def test_first_publish_failure_is_fatal(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
     pub = Publisher(*reversed(mock.issue()))
-    mock.inject("PUT", "/v1/database/pogly", lambda: httpx.Response(400, text="invalid wasm: bad magic"))
+    mock.inject("PUT", "/v1/database/pogly", lambda: localhttp.Response(400, text="invalid wasm: bad magic"))
     with pytest.raises(Fatal) as err:
         _publish(mock, settings, pub)
     assert err.value.exit_code == 70
     assert err.value.event == "publish.first_failed"
     assert "invalid wasm: bad magic" in err.value.message
 
-    mock.inject("PUT", "/v1/database/pogly", *[lambda: httpx.Response(503, text="overloaded")] * 10_000)
+    mock.inject("PUT", "/v1/database/pogly", *[lambda: localhttp.Response(503, text="overloaded")] * 10_000)
     with pytest.raises(Fatal) as err:
         _publish(mock, settings, pub)
     assert err.value.exit_code == 69
@@ -782,7 +783,7 @@ def test_transient_publish_error_is_retried(tmp_path: Path) -> None:
     mock = MockStdb()
     settings = make_settings(tmp_path)
     pub = Publisher(*reversed(mock.issue()))
-    mock.inject("PUT", "/v1/database/pogly", lambda: httpx.Response(503, text="busy"))
+    mock.inject("PUT", "/v1/database/pogly", lambda: localhttp.Response(503, text="busy"))
     status = _publish(mock, settings, pub)
     assert status.module("pogly").publish_result == "created"
 
@@ -944,7 +945,7 @@ def test_follow_module_logs_reconnects_and_stops(tmp_path: Path) -> None:
     token, ident = fake_token()
     pub = Publisher(ident, token)
     stop = asyncio.Event()
-    seen: list[httpx.Request] = []
+    seen: list[localhttp.Request] = []
     lines = [
         {"level": "Info", "ts": 1, "target": "pogly", "filename": "src/lib.rs", "line_number": 72,
          "function": "init", "message": "[Init] Server successfully started!"},
@@ -952,27 +953,27 @@ def test_follow_module_logs_reconnects_and_stops(tmp_path: Path) -> None:
          "message": "it broke", "trace": "frames"},
     ]
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: localhttp.Request) -> localhttp.Response:
         seen.append(request)
         if len(seen) == 1:
-            raise httpx.ConnectError("SpacetimeDB restarting", request=request)
+            raise localhttp.ConnectError("SpacetimeDB restarting", request=request)
         if len(seen) == 2:
-            return httpx.Response(403, text=f"{ident} is not authorized to perform action on database x: "
+            return localhttp.Response(403, text=f"{ident} is not authorized to perform action on database x: "
                                             "view module logs")
         if len(seen) == 3:
             body = "\n".join(json.dumps(line) for line in lines) + "\n"
-            return httpx.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
+            return localhttp.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
         stop.set()  # the third connection's lines were consumed before this reconnect
-        return httpx.Response(200, content=b"")
+        return localhttp.Response(200, content=b"")
 
     async def main() -> None:
-        async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler)) as client:
+        async with localhttp.AsyncClient(base_url="http://x", transport=handler) as client:
             await asyncio.wait_for(
                 follow_module_logs(settings, client, pub, "pogly", stop=stop, backoff=FAST), 10)
 
     with capture_logs() as logs:
         run(main())
-    assert seen[0].url.params["num_lines"] == "0" and seen[0].url.params["follow"] == "true"
+    assert seen[0].params["num_lines"] == "0" and seen[0].params["follow"] == "true"
     assert seen[0].headers["authorization"] == f"Bearer {token}"
     module_events = [e for e in logs if e.get("service") == "module:pogly"]
     assert [(e["event"], e["log_level"]) for e in module_events] == [
@@ -988,16 +989,15 @@ def test_follow_module_logs_cancels_cleanly(tmp_path: Path) -> None:
     connected = asyncio.Event()
 
     async def main() -> None:
-        class Endless(httpx.AsyncByteStream):
-            async def __aiter__(self) -> Any:
-                connected.set()
-                await asyncio.Event().wait()
-                yield b""
+        async def endless() -> AsyncIterator[bytes]:
+            connected.set()
+            await asyncio.Event().wait()
+            yield b""
 
-        def handler(request: httpx.Request) -> httpx.Response:
-            return httpx.Response(200, stream=Endless())
+        def handler(request: localhttp.Request) -> localhttp.Response:
+            return localhttp.Response(200, stream=endless())
 
-        async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler)) as client:
+        async with localhttp.AsyncClient(base_url="http://x", transport=handler) as client:
             task = asyncio.create_task(
                 follow_module_logs(settings, client, Publisher(ident, token), "pogly"))
             await connected.wait()
@@ -1020,7 +1020,7 @@ async def _boot(settings: Settings, home: Path, status: Status | None = None
                 ) -> tuple[Publisher, Status]:
     """What the supervisor does once SpacetimeDB is ready: identity, then publish."""
     status = status or Status()
-    async with httpx.AsyncClient(base_url=settings.spacetime_addr.url) as client:
+    async with localhttp.AsyncClient(base_url=settings.spacetime_addr.url) as client:
         spacetime.tighten_key_modes(settings.config_dir)
         publisher = await ensure_identity(settings, client, home=home, backoff=FAST)
         status.publisher_identity = publisher.identity
@@ -1134,7 +1134,7 @@ def test_standin_refusal_shapes_are_recognised(tmp_path: Path, version: str) -> 
         wasm = FIXTURE.read_bytes()
 
         async def refusals() -> tuple[list[NotOwner | None], dict[str, str]]:
-            async with httpx.AsyncClient(base_url=server.addr.url, timeout=10) as client:
+            async with localhttp.AsyncClient(base_url=server.addr.url, timeout=10) as client:
                 stranger = (await client.post("/v1/identity")).json()
                 auth = {"Authorization": f"Bearer {stranger['token']}"}
                 answers = [
@@ -1163,7 +1163,7 @@ def test_standin_not_owner_through_each_route(tmp_path: Path, version: str,
         (settings.module_dir / "pogly.wasm").write_bytes(make_module(extra="newer"))
 
         async def attempt() -> Fatal:
-            async with httpx.AsyncClient(base_url=server.addr.url, timeout=10) as client:
+            async with localhttp.AsyncClient(base_url=server.addr.url, timeout=10) as client:
                 data = (await client.post("/v1/identity")).json()
                 stranger = Publisher(data["identity"], data["token"])
                 with pytest.raises(Fatal) as err:
@@ -1196,7 +1196,7 @@ def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) ->
         publisher, _ = run(_boot(settings, home))
 
         async def read_and_change() -> list[dict[str, Any]]:
-            async with httpx.AsyncClient(base_url=server.addr.url) as client:
+            async with localhttp.AsyncClient(base_url=server.addr.url) as client:
                 rows = await sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
                 await sql(client, publisher, "pogly",
                           "UPDATE Config SET StreamName = 'owner''s choice' WHERE Version = 0")
@@ -1214,7 +1214,7 @@ def test_standin_first_boot_config_once_owner_change_survives(tmp_path: Path) ->
             publisher, status = run(_boot(settings, home))
 
         async def read() -> list[dict[str, Any]]:
-            async with httpx.AsyncClient(base_url=server.addr.url) as client:
+            async with localhttp.AsyncClient(base_url=server.addr.url) as client:
                 return await sql(client, publisher, "pogly", "SELECT * FROM Config WHERE Version = 0")
 
         rows = run(read())
@@ -1241,7 +1241,7 @@ def test_standin_module_log_line_becomes_event(tmp_path: Path) -> None:
                 return event
 
             structlog.configure(processors=[watch, *structlog.get_config()["processors"]])
-            async with httpx.AsyncClient(base_url=server.addr.url) as client:
+            async with localhttp.AsyncClient(base_url=server.addr.url) as client:
                 task = asyncio.create_task(
                     follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
                 await asyncio.wait_for(following.wait(), 10)
@@ -1278,7 +1278,7 @@ def test_standin_log_follower_survives_a_restart(tmp_path: Path) -> None:
             return event
 
         structlog.configure(processors=[watch, *structlog.get_config()["processors"]])
-        async with httpx.AsyncClient(base_url=first.addr.url) as client:
+        async with localhttp.AsyncClient(base_url=first.addr.url) as client:
             task = asyncio.create_task(
                 follow_module_logs(settings, client, publisher, "pogly", stop=stop, backoff=FAST))
             assert await asyncio.wait_for(connections.get(), 10) == 1

@@ -16,6 +16,7 @@ printed, not when the interpreter has torn itself down (~100 ms later).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ class Spawned:
     stderr: int
     at: float  # wall-clock time of the spawn
     settings_file: Path  # removed by whoever adopts it, once the helper is done with it
+    provisional: bool = False  # a restart with remembered settings (``memo``): readiness need not wait for it
 
 
 def write_settings(settings: Settings) -> Path:
@@ -70,6 +72,21 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+#: The nice value of a re-check nobody waits for: it runs on CPU the children's start leaves idle.
+BACKGROUND_NICE = 19
+
+
+def lower_priority(pid: int) -> None:
+    """Make a helper whose answer readiness does not wait for yield the CPU to everything else.
+
+    On a 2-core node its ~0.4 s of imports would otherwise stretch SpacetimeDB's
+    start.  Raising a child's nice value needs no privilege; on any error it
+    simply keeps ours.
+    """
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, BACKGROUND_NICE)
+
+
 def prespawn(settings: Settings) -> Spawned | None:
     """Start the first check now, before asyncio exists; None when there is nothing to check or any doubt.
 
@@ -77,10 +94,15 @@ def prespawn(settings: Settings) -> Spawned | None:
     (without a mounted volume there is none yet).  On any doubt (OIDC off, the
     run dir not a writable directory, a failed write or spawn) return None:
     ``verdict.settle`` then starts the helper from the event loop, after
-    ``prepare_dirs`` has named whatever is wrong with the directory.
+    ``prepare_dirs`` has named whatever is wrong with the directory.  On a
+    restart whose settings were verified before (``memo``) it runs at nice 19:
+    readiness does not wait for it, so it should not slow what readiness waits for.
     """
     if not settings.oidc_enabled:
         return None
+    from entrypoint.oidc import memo
+
+    provisional = memo.remembered(settings)
     try:
         settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         if not os.access(settings.run_dir, os.W_OK | os.X_OK):
@@ -93,4 +115,6 @@ def prespawn(settings: Settings) -> Spawned | None:
     except OSError:
         path.unlink(missing_ok=True)
         return None
-    return Spawned(pid, out, err, time.time(), path)
+    if provisional:
+        lower_priority(pid)
+    return Spawned(pid, out, err, time.time(), path, provisional)

@@ -9,11 +9,15 @@ relays its log lines as they come, reads its one-line JSON answer as soon as it
 is printed (not at the helper's exit, ~100 ms of interpreter teardown later)
 and decides what the answer means for the running container:
 
-* 0 → ``verified``;
+* 0 → ``verified`` (and remembered on the config volume, ``memo``);
 * 78 (the provider answers, wrongly) → fatal, exit 78;
 * 69 (no usable answer in time) → fatal under ``STRICT_MODE``; otherwise
   ``unverified``: serve anyway so overlays stay up, and re-check in the
   background (pauses from the one backoff, ``delays()``) until it verifies.
+
+On a restart whose settings were verified at an earlier boot (``memo``, never
+under ``STRICT_MODE``), readiness does not wait: ``rechecking`` until the same
+check answers, and then the same three outcomes.
 """
 
 from __future__ import annotations
@@ -101,15 +105,28 @@ async def settle(settings: Settings, status: Status, reaper: Reaper, checked: as
         checked.set()
         log.warning("oidc.disabled", message=DISABLED_MESSAGE)
         return
-    code, result = await ask_helper(settings, reaper, settings.oidc_discovery_timeout,
-                                    early=early.take() if early is not None else None)
+    from entrypoint.oidc import memo
+
+    spawned = early.take() if early is not None else None
+    provisional = spawned.provisional if spawned is not None else memo.remembered(settings)
+    if provisional:
+        status.oidc = "rechecking"
+        checked.set()
+        log.info("oidc.rechecking", issuer=settings.oidc_issuer,
+                 message="these settings were verified at an earlier boot: ready without waiting; checking again now")
+    code, result = await ask_helper(settings, reaper, settings.oidc_discovery_timeout, early=spawned,
+                                    background=provisional)
     if code == 0:
         status.oidc = "verified"
         checked.set()
+        _remember(settings)
         return
     message = str(result.get("message") or f"oidc-check exited {code}")
     if code == EXIT_CONFIG:
         status.oidc = "failed"
+        memo.forget(settings)
+        if provisional:
+            message += " (these settings were verified at an earlier boot: the provider has changed since)"
         raise Fatal(EXIT_CONFIG, message, event="oidc.invalid", reason=result.get("reason"))
     if settings.strict_mode:
         status.oidc = "failed"
@@ -124,13 +141,24 @@ async def settle(settings: Settings, status: Status, reaper: Reaper, checked: as
         code, result = await ask_helper(settings, reaper, min(settings.oidc_discovery_timeout, RECHECK_TIMEOUT_S))
         if code == 0:
             status.oidc = "verified"
+            _remember(settings)
             return
         if code == EXIT_CONFIG:
+            memo.forget(settings)  # whatever an earlier boot verified, the next one waits for the check
             log.error("oidc.invalid", message=result.get("message"), action="still serving; re-checking")
 
 
+def _remember(settings: Settings) -> None:
+    from entrypoint.oidc import memo
+
+    problem = memo.remember(settings)
+    if problem is not None:
+        log.warning("oidc.memo_unwritable", message=problem,
+                    action="serving as usual; the next restart waits for the provider check again")
+
+
 async def ask_helper(settings: Settings, reaper: Reaper, timeout: float,
-                     early: Spawned | None = None) -> tuple[int, dict[str, Any]]:
+                     early: Spawned | None = None, *, background: bool = False) -> tuple[int, dict[str, Any]]:
     """One ``oidc-check`` process (``early``'s, else a new one); its exit code (0, 78 or 69) and JSON answer.
 
     Its stderr (progress events as JSON lines) is relayed into our log under
@@ -159,6 +187,8 @@ async def ask_helper(settings: Settings, reaper: Reaper, timeout: float,
     except OSError as exc:
         path.unlink(missing_ok=True)
         return EXIT_UNAVAILABLE, {"message": f"the OIDC check process could not be started: {exc}"}
+    if background and early is None and child.pid is not None:  # an adopted one was lowered at its spawn
+        helper.lower_priority(child.pid)
     exited = asyncio.ensure_future(child.wait())
     try:
         async with asyncio.timeout(limit):

@@ -2,10 +2,11 @@
 
 Shared by everything that runs once the server answers ``/v1/ping``
 (identity, publish, SQL, module logs).  Each takes an injected
-``httpx.AsyncClient`` (``base_url`` = ``settings.spacetime_addr.url``) so tests
-can drive it with a mock transport or the stand-in; httpx is imported lazily,
-inside the calls, so importing this module stays cheap.  Retries draw their
-pauses from the one backoff, ``supervision.restart.delays``.
+``localhttp.AsyncClient`` (``base_url`` = ``settings.spacetime_addr.url``) so
+tests can drive it with a scripted transport or the stand-in; it is our own
+small client on h11, not httpx, so PID 1 carries no TLS stack (issue 15,
+``entrypoint/localhttp.py``).  Retries draw their pauses from the one backoff,
+``supervision.restart.delays``.
 
 Also here, because more than one caller must recognise it: "you do not own
 this database" in every shape SpacetimeDB has used (a 1.7 publish refusal is
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_UNAVAILABLE, Fatal
+from entrypoint.localhttp import Timeout, TransportError
 from entrypoint.supervision.restart import delays
 
 if TYPE_CHECKING:
-    import httpx
+    from entrypoint.localhttp import AsyncClient, Response
 
 log = logs.get("stdbhttp")
 
@@ -74,7 +76,7 @@ DEFAULT_BACKOFF = Backoff()
 LOG_BACKOFF = Backoff(initial=0.2, maximum=10.0, deadline=float("inf"))
 
 
-def body_text(response: httpx.Response, limit: int = 2000) -> str:
+def body_text(response: Response, limit: int = 2000) -> str:
     """The server's own words, trimmed and capped: they go into logs and operator messages."""
     try:
         text = response.text
@@ -84,14 +86,14 @@ def body_text(response: httpx.Response, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _retryable(response: httpx.Response) -> bool:
+def _retryable(response: Response) -> bool:
     """5xx means "try again", except the 1.7 permission refusal, which is final."""
     return response.status_code >= 500 and parse_ownership_error(response.status_code,
                                                                  body_text(response)) is None
 
 
 async def request_with_retry(
-    client: httpx.AsyncClient,
+    client: AsyncClient,
     method: str,
     url: str,
     *,
@@ -99,23 +101,21 @@ async def request_with_retry(
     backoff: Backoff,
     timeout: float = REQUEST_TIMEOUT,
     **kwargs: Any,
-) -> httpx.Response:
+) -> Response:
     """One HTTP call, retried on connection errors and transient 5xx with capped backoff.
 
     Returns the first non-retryable response (success or a definite error);
     raises ``SpacetimeUnavailable`` once an attempt fails after
     ``backoff.deadline`` has passed.
     """
-    import httpx
-
     started = time.monotonic()
     pauses = backoff.pauses()
     for attempt in itertools.count(1):
         try:
             response = await client.request(
-                method, url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT), **kwargs
+                method, url, timeout=Timeout(timeout, connect=CONNECT_TIMEOUT), **kwargs
             )
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             failure, status, text = describe_error(exc), None, ""
         else:
             if not _retryable(response):
@@ -135,15 +135,15 @@ async def request_with_retry(
 
 
 def describe_error(exc: BaseException | None) -> str:
-    """``Type: message`` (or just ``Type``): httpx errors often have an empty ``str()``."""
+    """``Type: message`` (or just ``Type``): an exception's ``str()`` may be empty."""
     if exc is None:
         return ""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def request_or_fatal(client: httpx.AsyncClient, method: str, url: str, *, what: str, backoff: Backoff,
-                           **kwargs: Any) -> httpx.Response:
+async def request_or_fatal(client: AsyncClient, method: str, url: str, *, what: str, backoff: Backoff,
+                           **kwargs: Any) -> Response:
     """``request_with_retry`` whose exhaustion is a ``Fatal(69)``: SpacetimeDB is a hard dependency."""
     try:
         return await request_with_retry(client, method, url, what=what, backoff=backoff, **kwargs)
@@ -222,17 +222,15 @@ def identity_from_json(value: Any) -> str | None:
         return None
 
 
-async def database_owner(client: httpx.AsyncClient, module: str,
+async def database_owner(client: AsyncClient, module: str,
                          headers: Mapping[str, str] | None = None) -> str | None:
     """The owner from ``GET /v1/database/<name>``, or None when the server does not say.
 
     ``headers`` carry the caller's token when there is one; the route also
     answers anonymous callers, which is all an error message needs.
     """
-    import httpx
-
     response = await client.get(f"/v1/database/{module}", headers=headers,
-                                timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
+                                timeout=Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
     if response.status_code != 200:
         return None
     try:

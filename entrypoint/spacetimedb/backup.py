@@ -398,10 +398,16 @@ def _fsync_dir(path: Path) -> None:
 
 def spacetimedb_version(places: Places) -> str | None:
     """What the running server reports (``/v1/health``), else ``spacetime --version``; None if neither says."""
-    import httpx
+    import asyncio
 
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        answer = httpx.get(f"{places.spacetime_addr.url}/v1/health", timeout=2.0).json()
+    from entrypoint.localhttp import AsyncClient, HTTPError
+
+    async def health() -> object:
+        async with AsyncClient(base_url=places.spacetime_addr.url, timeout=2.0) as client:
+            return (await client.get("/v1/health")).json()
+
+    with contextlib.suppress(HTTPError, ValueError):
+        answer = asyncio.run(health())  # a CLI command: no event loop is running here
         if isinstance(answer, dict) and isinstance(answer.get("version"), str):
             return answer["version"]
     program = shutil.which(places.spacetime_bin) or places.spacetime_bin

@@ -35,7 +35,7 @@ from entrypoint.spacetimedb.api import DEFAULT_BACKOFF, Backoff, body_text, data
 from entrypoint.spacetimedb.server import CLI_TOML, PRIVATE_KEY, PUBLIC_KEY
 
 if TYPE_CHECKING:
-    import httpx
+    from entrypoint.localhttp import AsyncClient
 
 log = logs.get("publisher")
 
@@ -235,7 +235,7 @@ def token_rejected(stored: str, path: Path, config_dir: Path, status: int, text:
     )
 
 
-async def _database_owners(client: httpx.AsyncClient, modules: Iterable[str]) -> dict[str, str]:
+async def _database_owners(client: AsyncClient, modules: Iterable[str]) -> dict[str, str]:
     """Owner per existing database, best effort and unauthenticated (for error messages only)."""
     owners: dict[str, str] = {}
     for module in modules:
@@ -248,7 +248,7 @@ async def _database_owners(client: httpx.AsyncClient, modules: Iterable[str]) ->
 
 async def ensure_identity(
     settings: Settings,
-    client: httpx.AsyncClient,
+    client: AsyncClient,
     *,
     home: Path | None = None,
     backoff: Backoff = DEFAULT_BACKOFF,

@@ -19,9 +19,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import httpx
-
     from entrypoint.config import Settings
+    from entrypoint.localhttp import AsyncClient
     from entrypoint.spacetimedb.credentials import Publisher
     from entrypoint.spacetimedb.service import SpacetimeService
     from entrypoint.supervision.status import Status
@@ -29,24 +28,22 @@ if TYPE_CHECKING:
 
 async def run(settings: Settings, status: Status, spacetime: SpacetimeService, modules_ready: asyncio.Event) -> None:
     """Publish once SpacetimeDB is first ready, set ``modules_ready``, then follow, watch and re-check."""
-    # The HTTP client's imports (~50 ms, more on a busy machine) sat between SpacetimeDB answering and
-    # the publish, on the way to ready: they run in a thread while SpacetimeDB starts instead.
-    preload = asyncio.ensure_future(asyncio.to_thread(preload_http_client))
+    # The imports below (~20-60 ms: h11, our HTTP client, the SpacetimeDB API modules) would otherwise sit
+    # between SpacetimeDB answering and the publish, on the way to ready: they run in a thread while
+    # SpacetimeDB starts instead, keeping the loop free for the children's output meanwhile.
+    preload = asyncio.ensure_future(asyncio.to_thread(preload_api))
     await spacetime.first_ready.wait()
     await preload
-    import httpx
-
+    from entrypoint.localhttp import AsyncClient, Timeout
     from entrypoint.spacetimedb import ownership
     from entrypoint.spacetimedb.credentials import ensure_identity
     from entrypoint.spacetimedb.module_logs import follow_module_logs
     from entrypoint.spacetimedb.publish import publish_all
     from entrypoint.spacetimedb.server import tighten_key_modes
 
-    # Plain HTTP to SpacetimeDB on loopback (POGLY_SPACETIME_ADDR), never TLS and never through a proxy:
-    # verify=False spares PID 1 loading certifi's CA bundle (1.2 MB resident for its whole life, issue 15),
-    # trust_env=False keeps a cluster-wide HTTP_PROXY from routing 127.0.0.1 through a proxy.
-    async with httpx.AsyncClient(base_url=settings.spacetime_addr.url, timeout=httpx.Timeout(30.0, connect=5.0),
-                                 verify=False, trust_env=False) as client:
+    # Plain HTTP/1.1 to SpacetimeDB on loopback (POGLY_SPACETIME_ADDR): our own small client, never TLS and
+    # never a proxy (it reads no environment), so PID 1 carries no httpx, anyio or ssl (issue 15).
+    async with AsyncClient(base_url=settings.spacetime_addr.url, timeout=Timeout(30.0, connect=5.0)) as client:
         tighten_key_modes(settings.config_dir)
         publisher = await ensure_identity(settings, client)
         status.publisher_identity = publisher.identity
@@ -65,15 +62,17 @@ async def run(settings: Settings, status: Status, spacetime: SpacetimeService, m
                                   name=f"ownership:{module}")
 
 
-def preload_http_client() -> None:
-    """Import httpx and what it would otherwise import lazily on the first request (httpcore's anyio backend)."""
-    import anyio._backends._asyncio  # noqa: F401
-    import httpcore._backends.anyio  # noqa: F401
-    import httpx  # noqa: F401
+def preload_api() -> None:
+    """Import what ``run`` needs once SpacetimeDB answers."""
+    import importlib
+
+    for name in ("entrypoint.localhttp", "entrypoint.spacetimedb.credentials", "entrypoint.spacetimedb.module_logs",
+                 "entrypoint.spacetimedb.ownership", "entrypoint.spacetimedb.publish"):
+        importlib.import_module(name)
 
 
 async def republish_after_restarts(settings: Settings, status: Status, spacetime: SpacetimeService,
-                                   client: httpx.AsyncClient, publisher: Publisher) -> None:
+                                   client: AsyncClient, publisher: Publisher) -> None:
     """After SpacetimeDB restarts, make sure every module is still there.
 
     A crash within the server's 500 ms sync window can lose a database created

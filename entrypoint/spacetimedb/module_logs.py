@@ -18,6 +18,7 @@ import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 from entrypoint import logs
+from entrypoint.localhttp import HTTPError, Timeout
 from entrypoint.spacetimedb.api import (
     CONNECT_TIMEOUT,
     LOG_BACKOFF,
@@ -29,9 +30,8 @@ from entrypoint.spacetimedb.api import (
 )
 
 if TYPE_CHECKING:
-    import httpx
-
     from entrypoint.config import Settings
+    from entrypoint.localhttp import AsyncClient
     from entrypoint.spacetimedb.credentials import Publisher
 
 log = logs.get("modulelogs")
@@ -81,7 +81,7 @@ def emit_module_log(module: str, line: str, listener: LogListener | None = None)
         listener.line(message, fields)
 
 
-async def follow_module_logs(settings: Settings, client: httpx.AsyncClient, publisher: Publisher, module: str,
+async def follow_module_logs(settings: Settings, client: AsyncClient, publisher: Publisher, module: str,
                              *, stop: asyncio.Event | None = None, backoff: Backoff = LOG_BACKOFF,
                              listener: LogListener | None = None) -> None:
     """Copy a module's own log into ours, as events with ``service=module:<name>``, until stopped.
@@ -105,10 +105,8 @@ async def follow_module_logs(settings: Settings, client: httpx.AsyncClient, publ
         await asyncio.gather(follower, stopper, return_exceptions=True)
 
 
-async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, backoff: Backoff,
+async def _follow(client: AsyncClient, publisher: Publisher, module: str, backoff: Backoff,
                   listener: LogListener | None) -> None:
-    import httpx
-
     pauses = backoff.pauses()
     connected_before = False
     quiet = False  # after the first failure in a row, further ones go to debug
@@ -119,7 +117,8 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
             async with client.stream(
                 "GET", f"/v1/database/{module}/logs", params={"num_lines": "0", "follow": "true"},
                 headers=publisher.headers,
-                timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT, read=None),
+                # REQUEST_TIMEOUT bounds the exchange up to the response head; the body (the log) has no deadline.
+                timeout=Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             ) as response:
                 if response.status_code == 200:
                     log.info("module_logs.following", module=module, reconnect=connected_before)
@@ -142,7 +141,7 @@ async def _follow(client: httpx.AsyncClient, publisher: Publisher, module: str, 
                                         message="only the database owner may read its logs; retrying")
                         denied_warned = quiet = True
                         problem = None
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             problem = {"error": describe_error(exc)}
         except Exception as exc:  # never let a log follower take the supervisor down
             problem = {"error": describe_error(exc)}

@@ -69,9 +69,8 @@ from entrypoint.spacetimedb.ownership import (
 from entrypoint.spacetimedb.sql import SqlError
 
 if TYPE_CHECKING:
-    import httpx
-
     from entrypoint.config import Settings
+    from entrypoint.localhttp import AsyncClient
     from entrypoint.spacetimedb.credentials import Publisher
 
 log = logs.get("owner")
@@ -197,7 +196,7 @@ class Link:
     """An HTTP client to SpacetimeDB and the publisher it acts as."""
 
     settings: Settings
-    client: httpx.AsyncClient
+    client: AsyncClient
     publisher: Publisher
 
     def sql_fn(self, module: str) -> SqlFn:
@@ -218,16 +217,14 @@ class Link:
 @contextlib.asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[Link]:
     """The publisher's token and a client that has seen SpacetimeDB answer ``/v1/ping``."""
-    import httpx
-
+    from entrypoint.localhttp import AsyncClient, Timeout, TransportError
     from entrypoint.spacetimedb.api import describe_error
 
     publisher = read_publisher(settings)
-    async with httpx.AsyncClient(base_url=settings.spacetime_addr.url,
-                                 timeout=httpx.Timeout(TIMEOUT, connect=5.0)) as client:
+    async with AsyncClient(base_url=settings.spacetime_addr.url, timeout=Timeout(TIMEOUT, connect=5.0)) as client:
         try:
             response = await client.get("/v1/ping")
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             raise _unreachable(settings, describe_error(exc)) from None
         if not response.is_success:
             raise _unreachable(settings, f"/v1/ping answered {response.status_code}")
@@ -311,8 +308,7 @@ async def inspect(link: Link, module: str, *, full: bool = True) -> ModuleReport
 
     ``full=False`` (``owner set``'s read-back) skips the connected guests and the state file record.
     """
-    import httpx
-
+    from entrypoint.localhttp import TransportError
     from entrypoint.spacetimedb.api import describe_error
     from entrypoint.spacetimedb.statefile import module_state
 
@@ -329,7 +325,7 @@ async def inspect(link: Link, module: str, *, full: bool = True) -> ModuleReport
                                 reason=f"no database {module!r} on this SpacetimeDB (yet): the supervisor publishes "
                                        "it at start; `pogly-entrypoint status` shows how far it got")
         raise link.refused(module, exc) from None
-    except httpx.TransportError as exc:
+    except TransportError as exc:
         raise _unreachable(link.settings, describe_error(exc)) from None
     recorded = module_state(link.settings.config_dir, module).get(STATE_KEY) if full else None
     return ModuleReport(module, CLAIMED if current.claimed else UNCLAIMED, owner=current.owner,
@@ -516,8 +512,7 @@ def _refuse(reports: list[ModuleReport], target: Target, explicit: bool) -> None
 
 async def _apply_logged(link: Link, report: ModuleReport, target: Target) -> SetResult:
     """``apply`` plus its event and state record; a failure part-way is logged as ``owner.set_failed``."""
-    import httpx
-
+    from entrypoint.localhttp import TransportError
     from entrypoint.spacetimedb.api import describe_error
 
     def record() -> None:
@@ -529,12 +524,12 @@ async def _apply_logged(link: Link, report: ModuleReport, target: Target) -> Set
         record()  # before the first statement: see ownership.record_owner_set
     try:
         result = await apply(link, report, target)
-    except (OwnerError, SqlError, httpx.TransportError, RuntimeError) as exc:
+    except (OwnerError, SqlError, TransportError, RuntimeError) as exc:
         if isinstance(exc, OwnerError):
             failure = exc
         elif isinstance(exc, SqlError):
             failure = link.refused(report.module, exc)
-        elif isinstance(exc, httpx.TransportError):
+        elif isinstance(exc, TransportError):
             failure = _unreachable(link.settings, describe_error(exc))
         else:
             failure = OwnerError(EXIT_SOFTWARE, str(exc))

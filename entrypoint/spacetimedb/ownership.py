@@ -72,9 +72,8 @@ from entrypoint.supervision.restart import delays
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import httpx
-
     from entrypoint.config import Settings
+    from entrypoint.localhttp import AsyncClient
     from entrypoint.spacetimedb.credentials import Publisher
     from entrypoint.supervision.status import ModuleStatus, Status
 
@@ -750,7 +749,7 @@ class Watcher:
                          "nothing to do")
 
 
-def bound_sql(client: httpx.AsyncClient, publisher: Publisher, module: str) -> SqlFn:
+def bound_sql(client: AsyncClient, publisher: Publisher, module: str) -> SqlFn:
     """One module's SQL as the publisher, in the ``SqlFn`` shape the helpers above take."""
 
     async def run(statement: str) -> list[dict[str, Any]]:
@@ -759,7 +758,7 @@ def bound_sql(client: httpx.AsyncClient, publisher: Publisher, module: str) -> S
     return run
 
 
-async def watch(settings: Settings, status: Status, client: httpx.AsyncClient, publisher: Publisher,
+async def watch(settings: Settings, status: Status, client: AsyncClient, publisher: Publisher,
                 module: str, *, sql_fn: SqlFn | None = None, sleep: Sleep = asyncio.sleep,
                 bell: ConnectionBell | None = None) -> None:
     """Run by the supervisor per module once it is published: settle ownership, then return.

@@ -57,8 +57,7 @@ from entrypoint.spacetimedb.sql import SqlError, is_missing_table, sql, sql_bool
 from entrypoint.spacetimedb.statefile import module_state, update_module_state
 
 if TYPE_CHECKING:
-    import httpx
-
+    from entrypoint.localhttp import AsyncClient, Response
     from entrypoint.supervision.status import Status
 
 log = logs.get("publish")
@@ -85,7 +84,7 @@ def _not_owner_fatal(settings: Settings, module: str, ours: str, owner: str | No
     )
 
 
-async def _check_owner(settings: Settings, client: httpx.AsyncClient, publisher: Publisher, module: str,
+async def _check_owner(settings: Settings, client: AsyncClient, publisher: Publisher, module: str,
                        wasm: bytes, backoff: Backoff) -> None:
     """Stop before touching a database that belongs to someone else.
 
@@ -115,7 +114,7 @@ async def _check_owner(settings: Settings, client: httpx.AsyncClient, publisher:
         raise _not_owner_fatal(settings, module, publisher.identity, refusal.owner, refusal.text)
 
 
-async def _database_identity(client: httpx.AsyncClient, publisher: Publisher, module: str,
+async def _database_identity(client: AsyncClient, publisher: Publisher, module: str,
                              backoff: Backoff) -> str | None:
     """``GET /v1/database/<name>/identity``: the database's identity, None when it does not exist."""
     response = await request_or_fatal(client, "GET", f"/v1/database/{module}/identity",
@@ -166,7 +165,7 @@ def _record(settings: Settings, module: str, **fields: Any) -> None:
         raise exc.fatal("POGLY_CONFIG_DIR", settings.config_dir) from exc
 
 
-def _success(response: httpx.Response) -> dict[str, Any] | None:
+def _success(response: Response) -> dict[str, Any] | None:
     try:
         data = response.json()
     except ValueError:
@@ -175,7 +174,7 @@ def _success(response: httpx.Response) -> dict[str, Any] | None:
     return success if isinstance(success, dict) else None
 
 
-async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncClient,
+async def _publish_one(settings: Settings, status: Status, client: AsyncClient,
                        publisher: Publisher, module: str, backoff: Backoff) -> None:
     info = status.module(module)
     path, wasm = await asyncio.to_thread(_read_wasm, settings, module)
@@ -264,7 +263,7 @@ async def _publish_one(settings: Settings, status: Status, client: httpx.AsyncCl
         _record(settings, module, **_first_boot_fields(outcome))
 
 
-async def publish_all(settings: Settings, status: Status, client: httpx.AsyncClient, publisher: Publisher,
+async def publish_all(settings: Settings, status: Status, client: AsyncClient, publisher: Publisher,
                       *, backoff: Backoff = DEFAULT_BACKOFF) -> None:
     """Publish every module in ``settings.modules`` concurrently; skip the unchanged ones.
 
@@ -319,7 +318,7 @@ def _first_boot_fields(outcome: str) -> dict[str, Any]:
     return {"first_boot_config_applied": not outcome.startswith("failed"), "first_boot_config": outcome}
 
 
-async def ensure_first_boot_config(settings: Settings, client: httpx.AsyncClient, publisher: Publisher,
+async def ensure_first_boot_config(settings: Settings, client: AsyncClient, publisher: Publisher,
                                    module: str, *, created: bool) -> str:
     """Apply STREAM_*/DEBUG_MODE/STRICT_MODE to the Config row if the database says onboarding is open.
 

@@ -2,9 +2,9 @@
 
 This is the **start path**: it runs before anything is ready, in PID 1, right
 after the signal handlers are installed, so it imports nothing heavy.  ``ping``
-speaks HTTP/1.1 over raw asyncio streams so httpx is not loaded here; the
+speaks HTTP/1.1 over raw asyncio streams so no HTTP client is loaded here; the
 HTTP side (identity, publish, SQL, module logs) lives in the modules that run
-once the server answers, and load httpx lazily.
+once the server answers, on ``entrypoint/localhttp.py``.
 
 The config volume (``POGLY_CONFIG_DIR``) holds the server's signing keys
 (``id_ecdsa*``) next to the publisher token they signed (``cli.toml``): the
@@ -107,7 +107,7 @@ async def ping(addr: HostPort, timeout: float) -> bool:
     """``GET /v1/ping`` → True on 200, False on anything else, within ``timeout``.
 
     Raw asyncio streams on purpose: this is polled during start-up in PID 1,
-    where loading httpx would delay readiness for nothing.
+    where loading an HTTP client would delay readiness for nothing.
     """
     import asyncio  # only once the event loop runs: this module is imported before it exists
 

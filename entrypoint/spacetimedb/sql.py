@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from entrypoint.localhttp import Timeout
 from entrypoint.spacetimedb.api import CONNECT_TIMEOUT, REQUEST_TIMEOUT, SpacetimeError, body_text
 
 if TYPE_CHECKING:
-    import httpx
-
+    from entrypoint.localhttp import AsyncClient
     from entrypoint.spacetimedb.credentials import Publisher
 
 
@@ -118,21 +118,19 @@ def parse_sql_result(payload: Any) -> list[dict[str, Any]]:
     return rows
 
 
-async def sql(client: httpx.AsyncClient, publisher: Publisher, database: str, statement: str,
+async def sql(client: AsyncClient, publisher: Publisher, database: str, statement: str,
               *, timeout: float = REQUEST_TIMEOUT) -> list[dict[str, Any]]:
     """Run one SQL statement as the publisher (the owner: DML and private tables allowed).
 
     Returns the rows as dicts, Identity cells as 64 lowercase hex.  Any non-2xx
     answer raises ``SqlError`` carrying the server's text; connection errors
-    propagate as httpx exceptions (callers poll, they decide about retries).
+    propagate as ``localhttp.TransportError`` (callers poll, they decide about retries).
     """
-    import httpx
-
     response = await client.post(
         f"/v1/database/{database}/sql",
         content=statement.encode("utf-8"),
         headers={**publisher.headers, "Content-Type": "text/plain; charset=utf-8"},
-        timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+        timeout=Timeout(timeout, connect=CONNECT_TIMEOUT),
     )
     if not response.is_success:
         raise SqlError(database, statement, response.status_code, body_text(response))

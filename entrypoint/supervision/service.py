@@ -108,6 +108,9 @@ class Service:
         self.child: ChildHandle | None = None
         self.launched_at = 0.0  # clock() when the current run was launched
         self.first_ready = asyncio.Event()
+        # Set by a subclass when the current run says it serves nothing any more although its process is
+        # still exiting (Caddy's "shutdown complete"): the supervisor may stop the next service from then.
+        self.done_serving = asyncio.Event()
         self.generation = 0  # how many runs became ready; lets others react to a restart
         self._next_generation = asyncio.Event()  # set (and replaced) each time a run becomes ready
         self._adopted: ChildHandle | None = None
@@ -261,6 +264,7 @@ class Service:
 
     def _begin(self, child: ChildHandle, spec: ChildSpec, spawned_at: float | None = None) -> ChildHandle | None:
         self._ready.clear()
+        self.done_serving.clear()
         self._redactors = {stream: logs.LineRedactor(self.name, stream) for stream in ("stdout", "stderr")}
         self.child = child
         self.launched_at = self.clock()
@@ -275,6 +279,7 @@ class Service:
             return None
         self.info.pid = child.pid
         self.info.started_at = spawned_at or time.time()  # wall clock, for people reading /status
+        self.info.started_boottime = state.process_start(child.pid) if child.pid is not None else None
         extra = {"prespawned_at": spawned_at} if spawned_at else {}
         log.info("child.started", child=self.name, pid=child.pid, argv=spec.argv, **extra)
         return child

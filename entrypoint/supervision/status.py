@@ -27,7 +27,8 @@ STATES = (STARTING, READY, BACKOFF, STOPPING, STOPPED, FAILED, PAUSED)
 #: ``ModuleStatus.publish_result`` values; a failure reads ``"failed: <message>"``.
 PUBLISH_RESULTS = ("pending", "created", "updated", "unchanged", "failed")
 #: ``Status.oidc`` values.
-OIDC_VERDICTS = ("pending", "verified", "unverified", "failed", "disabled")
+#: "rechecking": verified at an earlier boot with the same settings, being checked again (ready did not wait).
+OIDC_VERDICTS = ("pending", "rechecking", "verified", "unverified", "failed", "disabled")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class ChildStatus:
     last_exit_code: int | None = None
     ready_seconds: float | None = None  # the latest run: launch to ready
     stop_seconds: float | None = None  # the last stop: stop signal to exit
+    # The same moment on CLOCK_BOOTTIME (``process_start``): uptime survives a wall-clock jump (NTP, a VM resume).
+    started_boottime: float | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """The state as ``/readyz`` words it: ``paused for backup`` rather than a bare ``paused``."""
@@ -51,8 +54,25 @@ class ChildStatus:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["uptime_s"] = round(time.time() - self.started_at, 1) if self.started_at and self.pid else None
+        since = data.pop("started_boottime")
+        data["uptime_s"] = (round(time.clock_gettime(time.CLOCK_BOOTTIME) - since, 1)
+                            if since is not None and self.pid else None)
         return data
+
+
+def process_start(pid: int) -> float:
+    """When ``pid`` started, on CLOCK_BOOTTIME (the kernel's own record, ``/proc/<pid>/stat`` field 22).
+
+    The kernel's record is right for a child spawned before the event loop
+    too, and no wall-clock jump moves it; now, when it cannot be read.
+    """
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return now
+    return min(ticks / os.sysconf("SC_CLK_TCK"), now)
 
 
 @dataclass

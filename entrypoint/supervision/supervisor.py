@@ -8,7 +8,8 @@ which children or which work they are (that is ``entrypoint/startup.py``)::
       until a stop request (signal) or the first Fatal / internal error:
       stop = cancel main (every service loop and job ends at its next await: nothing restarts)
            ∥ meanwhile: /readyz 503 → each service's child stopped, in reverse start order,
-                        each within its grace, all within POGLY_STOP_TIMEOUT
+                        each within its grace, all within POGLY_STOP_TIMEOUT; the next one's stop
+                        begins when the previous child has exited or said it serves nothing any more
       → main's helpers gone (cancelled short commands are killed and reaped) → as PID 1 or subreaper, sweep stragglers
       → exit code: 0 on request, else the first Fatal's code, 70 for a bug
 
@@ -56,6 +57,7 @@ class Supervisor:
         self._main: asyncio.Task[None] | None = None
         self._stop_requested = False
         self._stop_at: float | None = None
+        self._stop_deadline: float | None = None  # when the children must be gone (POGLY_STOP_TIMEOUT − margin)
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
 
@@ -90,7 +92,7 @@ class Supervisor:
         await self._stopping.wait()  # a stop request, or main ended on its own (a fatal error)
         self._stop()  # no-op after a signal; after a fatal error the same stop
         await self._shutdown()  # concurrently with main's cancellation: exit as soon as children are gone
-        await asyncio.wait({self._main})  # its short-lived helpers are killed and reaped by now
+        await self._await_main()  # its short-lived helpers are killed and reaped by now
         if os.getpid() == 1 or is_subreaper():  # whoever adopted orphans sweeps them (never a test's pytest)
             self._kill_stragglers()
         return self.exit_code
@@ -137,14 +139,47 @@ class Supervisor:
 
     # -- shutdown --------------------------------------------------------------------------
     async def _shutdown(self) -> None:
-        """Reverse start order, each child within its grace, all within the stop budget."""
+        """Reverse start order, each child within its grace, all within the stop budget.
+
+        The order is what keeps requests whole: Caddy drains what it is serving
+        before SpacetimeDB stops answering it.  A child that has said it serves
+        nothing any more (``Service.done_serving``: Caddy logs "shutdown
+        complete" once every server has drained, ~8 ms before its process is
+        gone) lets the next stop begin at once, so the two exits overlap and
+        a stop costs about the longer of them instead of their sum (issue 15).
+        """
         self.status.shutting_down = True  # /readyz answers 503 from here on
         start = self.clock() if self._stop_at is None else min(self._stop_at, self.clock())
-        deadline = start + self.stop_timeout - STOP_MARGIN
+        deadline = self._stop_deadline = start + self.stop_timeout - STOP_MARGIN
+        stops: list[asyncio.Future[None]] = []
         for service in reversed(self.services):
             remaining = max(deadline - self.clock(), 0.0)
-            await service.stop(min(service.grace(), remaining), self._force)
+            stop = asyncio.ensure_future(service.stop(min(service.grace(), remaining), self._force))
+            stops.append(stop)
+            released = asyncio.ensure_future(service.done_serving.wait())
+            await asyncio.wait({stop, released}, return_when=asyncio.FIRST_COMPLETED)
+            released.cancel()
+        await asyncio.gather(*stops)
         self.status.stop_seconds = round(self.clock() - start, 3)
+
+    async def _await_main(self) -> None:
+        """Let every cancelled task finish its cleanup, but never past the stop budget.
+
+        A job that swallows its cancellation (a bug, or a library that drops
+        it) would otherwise keep PID 1 alive after both children are gone, and
+        an orchestrator would wait out its own grace and SIGKILL us.  It is
+        named in the log so the bug can be found; we exit anyway.
+        """
+        assert self._main is not None
+        left = max((self._stop_deadline or self.clock()) - self.clock(), 0.0) + STOP_MARGIN / 2
+        done, _ = await asyncio.wait({self._main}, timeout=left)
+        if not done:
+            me = asyncio.current_task()
+            stuck = sorted(t.get_name() for t in asyncio.all_tasks() if not t.done() and t is not me)
+            log.error("entrypoint.stop_stuck", tasks=stuck, waited_s=round(left, 2),
+                      message="these tasks did not end after the stop cancelled them (a bug); exiting anyway")
+            if self.exit_code == 0:
+                self.exit_code = EXIT_SOFTWARE
 
     def _kill_stragglers(self) -> None:
         """Whatever we adopted and still runs dies with us; say so first.

@@ -13,26 +13,41 @@ when the Caddyfile does not adapt (its logs are still buffered when it fails), s
 the only way to show an operator what is wrong is ``caddy validate``, whose
 error message names ``file:line``.  Nothing here starts ``caddy run``; the
 supervisor does that with :func:`run_command` once :func:`validate` passed.
+
+Why jinja2 is imported lazily: PID 1 lives for the container's whole life, and
+jinja2 (+ markupsafe) costs ~1.8 MB of its RSS and ~40 ms of start-up CPU.  On
+a restart the Caddyfile on disk is usually exactly what a render would produce;
+:func:`render_key` says so from the inputs alone (template bytes, the checked
+context, this code and jinja2's version) and :func:`reusable_caddyfile` hands
+back the file when its stamp and its text agree, so jinja2 is never loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
 import json
 import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import jinja2
+from typing import TYPE_CHECKING, Any
 
 from entrypoint.config import ConfigError, Problem, Settings
-from entrypoint.fsutil import atomic_write
+from entrypoint.fsutil import atomic_write, read_small_file
+from entrypoint.version import __version__
+
+if TYPE_CHECKING:
+    import jinja2
 
 TEMPLATE_NAME = "Caddyfile.j2"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 CADDYFILE_NAME = "Caddyfile"
+# Beside the Caddyfile: which inputs it was rendered from and the hash of its text (see reusable_caddyfile).
+RENDER_STAMP_SUFFIX = ".rendered"
+# Bump when what goes into render_key changes meaning, so no old stamp can ever match by accident.
+_RENDER_KEY_FORMAT = b"pogly-caddyfile-render/1"
 READY_MSG = "serving initial configuration"
 VALIDATE_TIMEOUT = 30.0
 # Caddy's own grace period is capped so a slow client can never eat the whole
@@ -111,6 +126,8 @@ def check_token(name: str, value: object) -> str:
 
 def _finalize(value: object) -> object:
     """Jinja ``finalize``: every ``{{ … }}`` is re-checked, whatever the template does."""
+    import jinja2  # already loaded: only render() calls this
+
     if isinstance(value, jinja2.Undefined):
         str(value)  # StrictUndefined raises UndefinedError naming the variable
     return check_token("(interpolated)", value)
@@ -143,6 +160,8 @@ def template_context(settings: Settings) -> dict[str, Any]:
 
 
 def _environment(template_dir: Path) -> jinja2.Environment:
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir)),
         undefined=jinja2.StrictUndefined,
@@ -156,6 +175,8 @@ def _environment(template_dir: Path) -> jinja2.Environment:
 
 def render(settings: Settings, template_dir: Path | None = None) -> str:
     """Render the Caddyfile text; ``CaddyConfigError`` if the template or a value is unusable."""
+    import jinja2  # here, not at the top: a restart that reuses the Caddyfile never loads it
+
     directory = template_dir or TEMPLATE_DIR
     context = template_context(settings)
     try:
@@ -177,6 +198,112 @@ def write(settings: Settings, text: str) -> Path:
     """Write ``text`` to ``run_dir/Caddyfile`` atomically: Caddy never reads half a file."""
     path = caddyfile_path(settings)
     atomic_write(path, text, mode=0o644)
+    return path
+
+
+def render_stamp_path(settings: Settings) -> Path:
+    return settings.run_dir / (CADDYFILE_NAME + RENDER_STAMP_SUFFIX)
+
+
+def _template_files(template_dir: Path) -> list[tuple[str, bytes]]:
+    """Every file under ``template_dir``, by relative path: what the template and anything it includes can read.
+
+    Jinja's ``FileSystemLoader`` loads only from ``template_dir``, so whatever
+    ``Caddyfile.j2`` includes, imports or extends is one of these files.
+    Hashing them all covers includes without parsing the template (which
+    would need jinja2), at the price of a re-render when an unrelated file
+    there changes.
+    """
+    files = []
+    for path in sorted(template_dir.rglob("*")):
+        if path.is_file():
+            files.append((path.relative_to(template_dir).as_posix(), path.read_bytes()))
+    if not any(name == TEMPLATE_NAME for name, _ in files):
+        raise FileNotFoundError(template_dir / TEMPLATE_NAME)
+    return files
+
+
+def render_key(settings: Settings, template_dir: Path | None = None) -> str | None:
+    """A hash of everything :func:`render` output depends on, computed without importing jinja2.
+
+    Inputs: the template directory's files (the template and anything it
+    includes), :func:`template_context` serialised canonically, our version,
+    this module's source (``finalize`` and the ``Environment`` options shape
+    the output too) and jinja2's ``__init__.py`` (its version).  ``None`` when
+    any of them cannot be read or a value fails its check: then the caller
+    renders, which reports the problem as it always did.
+    """
+    try:
+        context = template_context(settings)
+        files = _template_files(template_dir or TEMPLATE_DIR)
+        code = Path(__file__).read_bytes()
+        # Where jinja2 would be imported from, by the path alone: finds, never imports, whatever sys.modules holds.
+        spec = importlib.machinery.PathFinder.find_spec("jinja2")
+        if spec is None or spec.origin is None:
+            return None
+        engine = Path(spec.origin).read_bytes()
+    except (CaddyConfigError, OSError, ValueError, ImportError):
+        return None
+    digest = hashlib.sha256()
+
+    def part(label: str, data: bytes) -> None:  # length-prefixed: no two input sets hash the same stream
+        digest.update(f"{label}\0{len(data)}\0".encode())
+        digest.update(data)
+
+    part("format", _RENDER_KEY_FORMAT)
+    part("version", __version__.encode())
+    part("code", code)
+    part("jinja2", engine)
+    part("context", json.dumps(context, sort_keys=True, separators=(",", ":")).encode())
+    for name, data in files:
+        part(f"template:{name}", data)
+    return digest.hexdigest()
+
+
+def _text_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def reusable_caddyfile(settings: Settings, key: str | None) -> str | None:
+    """The Caddyfile on disk, if it is exactly what :func:`render` would write now; else ``None``.
+
+    It is when the stamp beside it names the same ``render_key`` and the
+    file's bytes still hash to what was written (a hand-edited, truncated or
+    half-copied file is rendered again).  Anything unreadable or odd: ``None``.
+    """
+    if key is None:
+        return None
+    path = caddyfile_path(settings)
+    raw_stamp = read_small_file(render_stamp_path(settings))
+    data = read_small_file(path, CADDYFILE_LIMIT)
+    if raw_stamp is None or data is None:  # missing, or not a plain file (a FIFO must not block the loop)
+        return None
+    try:
+        stamp = json.loads(raw_stamp)
+        text = data.decode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(stamp, dict) or stamp.get("render_key") != key or stamp.get("sha256") != _text_hash(data):
+        return None
+    return text
+
+
+#: A rendered Caddyfile is a few KiB; anything near this is not ours and is rendered again.
+CADDYFILE_LIMIT = 1024 * 1024
+
+
+def write_render_stamp(settings: Settings, key: str, text: str) -> Path:
+    """Record which inputs produced the Caddyfile just written, and its hash; atomic like the file itself.
+
+    Written after the Caddyfile: a crash in between leaves an old stamp whose
+    hash no longer matches the new file, so the next start renders again.
+    A sidecar rather than a header comment in the Caddyfile, so the file stays
+    byte for byte what ``pogly-entrypoint render`` prints (and a hash of the
+    text cannot sit inside the text it hashes).
+    """
+    path = render_stamp_path(settings)
+    record = {"render_key": key, "sha256": _text_hash(text.encode()), "version": __version__}
+    atomic_write(path, json.dumps(record, sort_keys=True) + "\n", mode=0o644)
     return path
 
 
@@ -245,8 +372,6 @@ def validation_key(settings: Settings, text: str) -> str:
     ``caddy validate`` costs a few hundred milliseconds of start-up; the answer
     cannot change unless the file or the binary does.
     """
-    import hashlib
-
     try:
         st = os.stat(settings.caddy_bin)
         binary = f"{settings.caddy_bin}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"

@@ -1,6 +1,6 @@
 """The supervisor's loopback health server: ``/livez``, ``/readyz``, ``/status`` and ``/metrics``.
 
-Why our own tiny HTTP/1.1 server on h11 (already installed through httpx) rather
+Why our own tiny HTTP/1.1 server on h11 (the same library as ``entrypoint/localhttp.py``) rather
 than a web framework: PID 1 should carry as little as possible, and four
 read-only endpoints do not need routing, middleware or a second event loop.
 It runs inside the supervisor's asyncio loop, so ``/livez`` answering *is* the
@@ -42,9 +42,9 @@ from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 import h11
-import httpx
 
 from entrypoint.config import HostPort
+from entrypoint.localhttp import AsyncClient, HTTPError, Response
 from entrypoint.supervision.status import Status
 from entrypoint.web import metrics
 
@@ -339,10 +339,11 @@ def _connect_host(addr: HostPort) -> HostPort:
     return addr
 
 
-async def _get(addr: HostPort, path: str, timeout: float) -> httpx.Response:
-    # trust_env=False: an HTTP(S)_PROXY in the container must not capture loopback probes.
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-        return await client.get(f"{_connect_host(addr).url}{path}")
+async def _get(addr: HostPort, path: str, timeout: float) -> Response:
+    # localhttp, not httpx: this module is imported by PID 1 (issue 15), and localhttp never reads
+    # HTTP(S)_PROXY, so a proxy set in the container cannot capture loopback probes.
+    async with AsyncClient(base_url=_connect_host(addr).url, timeout=timeout) as client:
+        return await client.get(path)
 
 
 async def probe(addr: HostPort, which: Literal["ready", "live"], timeout: float = 2.0,
@@ -357,7 +358,7 @@ async def probe(addr: HostPort, which: Literal["ready", "live"], timeout: float 
     path = "/readyz" if which == "ready" else "/livez"
     try:
         response = await _get(addr, path, timeout)
-    except (httpx.HTTPError, OSError) as exc:
+    except (HTTPError, OSError) as exc:
         if out is not None:
             print(f"{which}: cannot reach {_connect_host(addr)}{path}: {exc or type(exc).__name__}", file=out)
         return 1
@@ -370,7 +371,7 @@ async def fetch_status(addr: HostPort, timeout: float = 2.0) -> dict[str, Any]:
     """``GET /status`` from the health server, for ``pogly-entrypoint status``."""
     try:
         response = await _get(addr, "/status", timeout)
-    except (httpx.HTTPError, OSError) as exc:
+    except (HTTPError, OSError) as exc:
         raise HealthError(f"cannot reach the health server at {_connect_host(addr)}: "
                           f"{exc or type(exc).__name__}") from exc
     if response.status_code != 200:

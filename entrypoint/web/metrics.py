@@ -81,8 +81,8 @@ def render(status: Status) -> str:
                    "Seconds the last shutdown took, from the stop request until every child had exited.",
                    [((), status.stop_seconds)] if status.stop_seconds is not None else [])
     out += _family("pogly_oidc_verdict", "gauge",
-                   "The OIDC provider check: 1 for the current verdict (pending, verified, unverified, failed, "
-                   "disabled), 0 for the others.",
+                   "The OIDC provider check: 1 for the current verdict (pending, rechecking, verified, unverified, "
+                   "failed, disabled), 0 for the others.",
                    _one_hot("verdict", OIDC_VERDICTS, status.oidc))
     out += _family("pogly_child_up", "gauge", "1 while the child is running and ready, else 0.",
                    [((("child", c.name),), 1 if c.state == READY and c.pid is not None else 0) for c in children])

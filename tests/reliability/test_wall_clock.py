@@ -60,6 +60,8 @@ def test_start_timeout_fires_on_time_with_the_wall_clock_jumping_hours(tmp_path:
         status = wait_for(lambda: _status(env), 20, "/status")
         # The wrapper is in force: the wall-clock time PID 1 recorded at start is hours away from ours.
         assert abs(status["started_at"] - time.time()) >= 3600
+        # …while the child's uptime is measured on the monotonic clock: seconds, not hours.
+        assert 0 <= status["children"]["spacetimedb"]["uptime_s"] < 60
         assert run.wait(60) == 69
     started = run.find(lambda e: e.get("event") == "child.started" and e.get("child") == "spacetimedb")
     timeout = run.find(lambda e: e.get("event") == "child.ready_timeout")

@@ -87,6 +87,7 @@ class Run:
     code: int = 0
     serving_at: float | None = None  # a fake ping answers 200 from then on (SpacetimeDB's /v1/ping)
     stop_takes: float | None = 0.0  # after its stop signal, exits 0 this much later; None: ignores it
+    stop_lines: list[tuple[float, str]] = field(default_factory=list)  # printed on stderr, times after the signal
     spawn_error: bool = False  # the program cannot be executed (posix_spawn's OSError)
 
 
@@ -154,8 +155,11 @@ class FakeChild:
         if not self.running:
             return (self.code if self.code is not None else 0), False
         self._note("stop_signal", {"signal": self.spec.stop_signal, "grace": grace, "observed": self.observe()})
+        loop = asyncio.get_running_loop()
+        for at, line in self.run.stop_lines:
+            self._timers.append(loop.call_later(at, self.sink, "stderr", line.encode(), False))
         if self.run.stop_takes is not None:
-            self._timers.append(asyncio.get_running_loop().call_later(self.run.stop_takes, self._exit, 0))
+            self._timers.append(loop.call_later(self.run.stop_takes, self._exit, 0))
         waiters = {asyncio.ensure_future(self._done.wait())}
         if force is not None:
             waiters.add(asyncio.ensure_future(force.wait()))
@@ -204,6 +208,8 @@ def history(journal: Journal, what: str, child: str | None = None) -> list[tuple
 # --------------------------------------------------------------------------- services on the fakes
 
 CADDY_READY = '{"level":"info","msg":"serving initial configuration"}'
+# Logged by Caddy once every app (every HTTP server) has stopped, just before os.Exit (caddy.go, exitProcess).
+CADDY_DONE = '{"level":"info","msg":"shutdown complete","signal":"SIGTERM","exit_code":0}'
 LISTENING = "Starting SpacetimeDB listening on 127.0.0.1:3000"
 
 

@@ -9,6 +9,7 @@ virtual time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from entrypoint.supervision.status import STOPPED
 from entrypoint.supervision.supervisor import STOP_MARGIN
 from entrypoint.web import caddy
 from tests.supervision.fakes import (
+    CADDY_DONE,
     Run,
     World,
     history,
@@ -85,6 +87,32 @@ def test_stop_is_caddy_then_spacetimedb_each_within_its_grace_and_all_within_the
     assert stopped["caddy"]["killed"] and stopped["caddy"]["exit"] == "killed by SIGKILL"
     assert not stopped["spacetimedb"]["killed"] and stopped["spacetimedb"]["stop_ms"] == pytest.approx(500.0)
     assert world.spacetime.info.state == world.caddy.info.state == STOPPED
+
+
+def test_spacetimedb_stop_begins_when_caddy_says_it_serves_nothing_not_when_its_process_is_gone(
+        tmp_path: Path) -> None:
+    # Caddy logs "shutdown complete" once its servers have drained, then takes a while longer to exit: SpacetimeDB's
+    # SIGINT goes out at that line, so the two exits overlap and nothing Caddy proxies is cut.
+    caddy_run = ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])
+    code, world, logs = play(tmp_path, [serving_spacetime(stop_takes=0.5)], [caddy_run],
+                             stops=((1.0, signal.SIGTERM),), stop_timeout=6.0)
+    assert code == 0
+    stops = [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]
+    assert stops == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
+    exits = [(name, t) for t, name, what, _ in world.journal if what == "exited"]
+    assert exits == [("caddy", pytest.approx(1.3)), ("spacetimedb", pytest.approx(1.6))]
+    assert {e["child"]: e["stop_ms"] for e in events(logs, "child.stopped")} == {
+        "caddy": pytest.approx(300.0), "spacetimedb": pytest.approx(500.0)}
+    assert world.status.stop_seconds == pytest.approx(0.6)
+
+
+def test_a_caddy_that_never_says_it_is_done_is_waited_for_until_it_exits(tmp_path: Path) -> None:
+    # Without the line (another log format, an older Caddy), the order is the plain sequence: exit, then SIGINT.
+    code, world, _ = play(tmp_path, [serving_spacetime()], [ready_caddy(stop_takes=0.3)],
+                          stops=((1.0, signal.SIGTERM),))
+    assert code == 0
+    stops = [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]
+    assert stops == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
 
 
 def test_a_second_signal_kills_at_once_instead_of_waiting_out_the_grace(tmp_path: Path) -> None:
@@ -159,3 +187,24 @@ def test_the_stop_budget_counts_from_the_signal_not_from_the_shutdown(tmp_path: 
     assert [t for t, _ in history(world.journal, "sigkill", "caddy")] == [pytest.approx(1.0 + caddy_grace)]
     # SpacetimeDB ignores SIGINT here: killed when the budget counted from t=0 (not t=1) runs out.
     assert [t for t, _ in history(world.journal, "sigkill", "spacetimedb")] == [pytest.approx(6.0 - STOP_MARGIN)]
+
+
+def test_a_job_that_swallows_its_cancellation_cannot_keep_pid1_alive_past_the_budget(tmp_path: Path) -> None:
+    async def stubborn() -> None:  # the bug this guards against: a cancellation dropped (3.11 wait_for did)
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    async def main() -> tuple[int, World, list[dict[str, Any]]]:
+        world = World.build(settings_for(tmp_path, stop_timeout=6.0), [serving_spacetime()], [ready_caddy()])
+        supervisor = world.supervisor()
+        stop_at(1.0, supervisor)
+        with capture_logs() as logs:
+            code = await supervisor.run(jobs={"stubborn": stubborn})
+        return code, world, logs
+
+    code, world, logs = run_virtual(main)
+    [stuck] = events(logs, "entrypoint.stop_stuck")
+    assert "stubborn" in stuck["tasks"] and code == 70  # a bug: never "stopped on request"
+    assert world.spacetime.info.state == world.caddy.info.state == STOPPED
+    assert stuck["waited_s"] <= 6.0
