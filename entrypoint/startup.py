@@ -75,6 +75,11 @@ def run(settings: Settings, pending: list[tuple[int, float]]) -> NoReturn:
     # check, the one TLS client, runs in the separate `oidc-check` process (its own interpreter, unaffected).
     # setdefault: when something already loaded ssl, leave it be.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    # The same for OpenSSL's hashes: with ssl gone, `hashlib` alone would map libcrypto for `_hashlib` (3.4 MB,
+    # issue 15's table).  Without it hashlib uses CPython's built-in sha256 (Lib/hashlib.py falls back to
+    # `_sha256`, `_sha512`, … when `import _hashlib` fails), which is all PID 1 hashes with (stamps, the
+    # module's sha256, backup manifests; blake3 is its own package); slower per byte, but PID 1 hashes little.
+    sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
     # Adopt orphans before the first child exists (PID 1 does so by nature).
     role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
     # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and

@@ -409,3 +409,5 @@ def test_pid1_runs_to_ready_without_importing_ssl_or_httpx(tmp_path: Path) -> No
     assert {"asyncio", "h11", "entrypoint"} <= imported, sorted(imported)  # importtime did report
     assert not imported & set(NEVER_IN_PID1), sorted(imported & set(NEVER_IN_PID1))
     assert "/_ssl." not in maps and "libssl.so" not in maps, [line for line in maps.splitlines() if "ssl" in line]
+    # Nor OpenSSL's libcrypto through hashlib's `_hashlib` (startup.run refuses it too: built-in sha256 instead).
+    assert "/_hashlib." not in maps and "libcrypto" not in maps, [ln for ln in maps.splitlines() if "crypto" in ln]
