@@ -35,6 +35,7 @@ _LINE = re.compile(r"^import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)\s*$")
 HELPER = r"""
 import importlib, json, sys
 sys.modules["ssl"] = None  # as in PID 1 (startup.run): a refused import still prints an importtime line
+sys.modules["_hashlib"] = None  # likewise (startup.run): hashlib's built-in sha256, no libcrypto
 def rss():
     with open("/proc/self/status") as fh:
         for line in fh:
