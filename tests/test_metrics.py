@@ -369,7 +369,9 @@ def test_a_refused_update_is_not_ready_until_rolled_back(tmp_path: Path) -> None
     with Running(env) as run:
         failed = run.wait_event("publish.failed", timeout=150)
         assert "update rejected" in failed["server_message"]
-        run.wait_event("entrypoint.ready", timeout=30)
+        up = run.wait_event("entrypoint.up_not_ready", timeout=30)  # never "entrypoint.ready" while /readyz is 503
+        assert up["level"] == "warning" and up["not_ready"][0].startswith("module pogly: update failed: ")
+        assert not run.find(lambda e: e.get("event") == "entrypoint.ready")
         readyz = httpx.get(f"{public}/readyz", timeout=5)
         assert readyz.status_code == 503
         reasons = readyz.json()["not_ready"]

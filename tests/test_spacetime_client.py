@@ -616,6 +616,27 @@ def test_rejected_token_is_fatal_78_and_touches_nothing(tmp_path: Path) -> None:
     assert tree_digest(tmp_path) == before
 
 
+@pytest.mark.parametrize("value", ["5", "true", "[\"eyJ\"]", "{ jwt = \"eyJ\" }"])
+def test_a_token_that_is_not_a_string_is_fatal_78_and_the_file_kept(tmp_path: Path, value: str) -> None:
+    # `spacetimedb_token = 5` is a damaged file, not "no token yet": minting a new identity over it would
+    # silently orphan every database the original token owns.
+    settings = make_settings(tmp_path)
+    cli = settings.config_dir / "cli.toml"
+    cli.parent.mkdir(parents=True, exist_ok=True)
+    cli.write_text(f"spacetimedb_token = {value}\n")
+    before = tree_digest(tmp_path)
+
+    async def main() -> None:
+        async with client_for(MockStdb()) as client:
+            await ensure_identity(settings, client, home=tmp_path / "home", backoff=FAST)
+
+    with pytest.raises(Fatal) as err:
+        run(main())
+    assert err.value.exit_code == 78 and err.value.event == "identity.token_invalid"
+    assert str(cli) in err.value.message and "not a token string" in err.value.message
+    assert tree_digest(tmp_path) == before
+
+
 def test_invalid_cli_toml_is_fatal_and_kept(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     cli = settings.config_dir / "cli.toml"
@@ -1302,3 +1323,17 @@ def test_standin_log_follower_survives_a_restart(tmp_path: Path) -> None:
         with capture_logs() as logs:
             run(main(first, settings, publisher))
     assert [e for e in logs if e.get("event") == "after restart"]
+
+
+@pytest.mark.parametrize(("module", "wanted"), [("pogly", "Put pogly.wasm in"),
+                                               ("overlay2", "Put overlay2.wasm or the shared pogly.wasm in")])
+def test_a_missing_module_file_is_78_naming_the_file_to_put_there(tmp_path: Path, module: str, wanted: str) -> None:
+    from entrypoint.spacetimedb.publish import _read_wasm
+
+    settings = make_settings(tmp_path)
+    (settings.module_dir / "pogly.wasm").unlink()
+    with pytest.raises(Fatal) as caught:
+        _read_wasm(settings, module)
+    assert caught.value.exit_code == 78 and caught.value.event == "publish.module_missing"
+    assert wanted in caught.value.message and f"POGLY_MODULE_DIR={settings.module_dir}" in caught.value.message
+    assert "pogly.wasm or pogly.wasm" not in caught.value.message

@@ -264,6 +264,15 @@ async def ensure_identity(
     path = config_dir / CLI_TOML
     existing = read_cli_toml(path)
     token = stored_token(existing)
+    if token is None and existing.get("spacetimedb_token") not in (None, "") and not isinstance(
+            existing.get("spacetimedb_token"), str):  # e.g. `spacetimedb_token = 5`: a damaged file, not "no token"
+        raise Fatal(
+            EXIT_CONFIG,
+            f"spacetimedb_token in {path} is a {type(existing['spacetimedb_token']).__name__}, not a token string. "
+            "Restore cli.toml from the backup of this config volume; it is not replaced automatically because "
+            "the databases belong to the identity of the original token.",
+            event="identity.token_invalid", path=str(path),
+        )
     if token is not None:
         try:
             identity = token_identity(token)

@@ -139,9 +139,10 @@ def _read_wasm(settings: Settings, module: str) -> tuple[Path, bytes]:
     try:
         wasm = path.read_bytes()
     except OSError as exc:
+        wanted = "pogly.wasm" if module == "pogly" else f"{module}.wasm or the shared pogly.wasm"
         raise Fatal(
             EXIT_CONFIG,
-            f"module {module!r}: cannot read {path} ({exc.strerror or exc}). Put {module}.wasm or pogly.wasm "
+            f"module {module!r}: cannot read {path} ({exc.strerror or exc}). Put {wanted} "
             f"in POGLY_MODULE_DIR={settings.module_dir}, or point POGLY_MODULE_DIR at the directory that has it.",
             event="publish.module_missing", module=module, path=str(path),
         ) from None

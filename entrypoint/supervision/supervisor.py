@@ -135,6 +135,11 @@ class Supervisor:
             await event.wait()
         elapsed = self.clock() - self.launched
         self.status.ready_seconds = round(elapsed, 3)
+        reasons = self.status.not_ready()
+        if reasons:  # everything started, yet /readyz says 503 (a refused module update): never log "ready" then
+            log.warning("entrypoint.up_not_ready", **ready_fields(), ready_ms=round(elapsed * 1000, 1),
+                        not_ready=reasons, message="started, but not ready: " + "; ".join(reasons))
+            return
         log.info("entrypoint.ready", **ready_fields(), ready_ms=round(elapsed * 1000, 1))
 
     # -- shutdown --------------------------------------------------------------------------

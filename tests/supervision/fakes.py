@@ -260,7 +260,7 @@ class World:
     @classmethod
     def build(cls, settings: Settings, spacetime: list[Run], caddy_runs: list[Run]) -> World:
         loop = asyncio.get_running_loop()
-        status = Status()
+        status = Status(oidc="disabled")  # no OIDC job runs here: as with OIDC off, nothing to wait for
         journal: Journal = []
 
         def observe() -> dict[str, bool]:  # recorded with each stop signal: does /readyz already say 503?

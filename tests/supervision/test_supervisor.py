@@ -68,6 +68,24 @@ def test_ready_is_announced_once_every_service_and_every_condition_is(tmp_path: 
     assert ready["ready_ms"] == pytest.approx(2000.0) and ready["modules"] == ["pogly"]
 
 
+def test_started_but_not_ready_is_never_logged_as_ready(tmp_path: Path) -> None:
+    # E.g. a refused module update: every child runs and every step finished, yet /readyz answers 503.
+    async def main() -> tuple[World, list[dict[str, Any]]]:
+        world = World.build(settings_for(tmp_path), [serving_spacetime()], [ready_caddy()])
+        world.status.module("pogly").publish_result = "failed: update rejected"
+        supervisor = world.supervisor()
+        stop_at(3.0, supervisor)
+        with capture_logs() as logs:
+            await supervisor.run(ready_fields=lambda: {"modules": ["pogly"]})
+        return world, logs
+
+    world, logs = run_virtual(main)
+    assert not events(logs, "entrypoint.ready")
+    [up] = events(logs, "entrypoint.up_not_ready")
+    assert up["log_level"] == "warning" and up["not_ready"] == ["module pogly: update failed: update rejected"]
+    assert world.status.ready_seconds is not None  # start-up did finish (pogly_start_seconds)
+
+
 def test_stop_is_caddy_then_spacetimedb_each_within_its_grace_and_all_within_the_budget(tmp_path: Path) -> None:
     # Caddy ignores SIGTERM: killed at its grace; SpacetimeDB gets what is left of POGLY_STOP_TIMEOUT.
     code, world, logs = play(tmp_path, [serving_spacetime(stop_takes=0.5)], [ready_caddy(stop_takes=None)],
