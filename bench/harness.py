@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -275,71 +276,53 @@ def sql_values(port: int, bearer: str, statement: str, module: str = "pogly") ->
 class Writer:
     """``threads`` clients calling the ``insert_item`` reducer in a loop; remembers every acknowledged value.
 
-    Bounded: stops on ``stop()``, after ``max_seconds``, or once every client has failed for
-    ``give_up_s`` in a row (the server is gone).
+    The clients run in a process of their own (``bench/writer.py``), so they never hold the GIL
+    the harness's exit-time thread needs.  Bounded: stops on ``stop()``, after ``max_seconds``, or
+    once every client has failed for ``give_up_s`` in a row (the server is gone).
     """
 
     def __init__(self, port: int, bearer: str, *, threads: int = 4, max_seconds: float = 60.0,
                  give_up_s: float = 2.0, module: str = "pogly") -> None:
-        self.port = port
-        self.headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
-        self.path = f"/v1/database/{module}/call/insert_item"
-        self.acked: list[str] = []
-        self.errors = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.writer", "--port", str(port), "--module", module,
+             "--threads", str(threads), "--max-seconds", str(max_seconds), "--give-up", str(give_up_s)],
+            cwd=REPO, env={**os.environ, "BENCH_WRITER_BEARER": bearer},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        self._chunks: list[bytes] = []
+        self._lines = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self.give_up_s = give_up_s
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def _client(self, n: int) -> None:
-        conn: http.client.HTTPConnection | None = None
-        failing_since: float | None = None
-        i = 0
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            value = f"w{n}-{i}"
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("POST", self.path, body=json.dumps([value]).encode(), headers=self.headers)
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status == 200:
-                    with self._lock:
-                        self.acked.append(value)
-                    failing_since = None
-                    i += 1
-                    continue
-                self.errors += 1
-            except (OSError, http.client.HTTPException):
-                self.errors += 1
-                if conn is not None:
-                    conn.close()
-                conn = None
-            now = time.monotonic()
-            failing_since = failing_since or now
-            if now - failing_since > self.give_up_s:
-                break
-            time.sleep(0.01)
-        if conn is not None:
-            conn.close()
+    def _read(self) -> None:
+        """Big reads and a newline count: as little of the GIL as possible."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 1 << 16):
+            with self._lock:
+                self._chunks.append(chunk)
+                self._lines += chunk.count(b"\n")
 
     def count(self) -> int:
         with self._lock:
-            return len(self.acked)
+            return self._lines
 
     def wait_count(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.count() < n:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (self.proc.poll() is not None and not self._reader.is_alive()):
                 raise BenchError(f"writer: only {self.count()} acknowledged writes in {timeout} s")
             time.sleep(0.01)
 
     def stop(self) -> list[str]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._reader.join(10)
         with self._lock:
-            return list(self.acked)
+            text = b"".join(self._chunks).decode()
+        return [line for line in text.split("\n") if line]

@@ -297,3 +297,94 @@ def test_a_stop_that_lands_as_a_loopback_connection_opens_still_cancels_the_requ
 
     cancelled, answered = asyncio.run(main())
     assert cancelled, f"the stop's cancellation was swallowed: the request went on (server answered: {answered})"
+
+
+def test_spacetimedbs_stop_signal_leaves_inside_the_step_that_reads_caddys_last_line(tmp_path: Path) -> None:
+    # No task hop between Caddy's "shutdown complete" and SpacetimeDB's SIGINT (issue 15): by the time the
+    # callback that relays the line returns, the signal has been sent.  Under load every hop was a wake-up
+    # the scheduler could delay by milliseconds.
+    seen: list[list[str]] = []
+
+    async def main() -> World:
+        world = World.build(settings_for(tmp_path), [serving_spacetime(stop_takes=0.2)],
+                            [ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])])
+        relay = world.caddy.on_line
+
+        def spy(stream: str, fields: dict[str, Any]) -> None:
+            relay(stream, fields)
+            if fields.get("message") == "shutdown complete":
+                seen.append([name for name, _ in _stop_signals(world)])
+
+        world.caddy.on_line = spy  # type: ignore[method-assign]
+        supervisor = world.supervisor()
+        stop_at(1.0, supervisor, signal.SIGTERM)
+        assert await supervisor.run() == 0
+        return world
+
+    world = run_virtual(main)
+    assert seen == [["caddy", "spacetimedb"]]
+    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
+
+
+def test_caddys_stop_signal_leaves_before_the_cancelled_jobs_clean_up(tmp_path: Path) -> None:
+    # The signal's step cancels every job; their clean-up (closing servers and connections) runs in the
+    # steps after.  Caddy's SIGTERM must not queue behind all of that: it leaves in the first step after.
+    seen: list[list[str]] = []
+    world_box: list[World] = []
+
+    async def job() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append([name for name, _ in _stop_signals(world_box[0])])
+            raise
+
+    async def main() -> World:
+        world = World.build(settings_for(tmp_path), [serving_spacetime(stop_takes=0.2)],
+                            [ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])])
+        world_box.append(world)
+        supervisor = world.supervisor()
+        stop_at(1.0, supervisor, signal.SIGTERM)
+        assert await supervisor.run(jobs={"a": job, "b": job}) == 0
+        return world
+
+    run_virtual(main)
+    assert seen == [["caddy"], ["caddy"]]
+
+
+def test_a_stop_that_raises_inside_the_chain_is_not_lost(tmp_path: Path) -> None:
+    # SpacetimeDB's stop begins inside Caddy's line callback; an exception there would be swallowed by the
+    # loop's callback handler and the stop would wait forever.  It must surface from run() instead.
+    async def main() -> None:
+        world = World.build(settings_for(tmp_path), [serving_spacetime(stop_takes=0.2)],
+                            [ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])])
+
+        def broken(grace: float, force: asyncio.Event) -> asyncio.Future[None]:
+            raise RuntimeError("stop broke")
+
+        world.spacetime.begin_stop = broken  # type: ignore[method-assign]
+        supervisor = world.supervisor()
+        stop_at(1.0, supervisor, signal.SIGTERM)
+        with pytest.raises(RuntimeError, match="stop broke"):
+            await supervisor.run()
+
+    run_virtual(main)
+
+
+def test_caddys_stop_signal_leaves_inside_the_signal_handlers_own_step(tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    async def main() -> None:
+        world = World.build(settings_for(tmp_path), [serving_spacetime(stop_takes=0.2)],
+                            [ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])])
+        supervisor = world.supervisor()
+
+        def handler() -> None:  # what loop.add_signal_handler calls
+            supervisor.request_stop(signal.SIGTERM)
+            seen.append([name for name, _ in _stop_signals(world)])
+
+        asyncio.get_running_loop().call_later(1.0, handler)
+        assert await supervisor.run() == 0
+
+    run_virtual(main)
+    assert seen == [["caddy"]]

@@ -163,8 +163,11 @@ class ChildHandle(Protocol):
     async def wait(self) -> int:
         """The exit code once it has exited (``-N`` for signal N), output relayed."""
 
+    def send_stop_signal(self) -> None:
+        """The stop signal now, in the caller's step; once per run (``stop`` then only waits)."""
+
     async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
-        """Stop signal, up to ``grace`` (or until ``force``), then SIGKILL; ``(code, killed)``."""
+        """Stop signal (unless sent), up to ``grace`` (or until ``force``), then SIGKILL; ``(code, killed)``."""
 
 
 #: Makes one run of a child from its spec and the sink for its output lines.
@@ -186,6 +189,7 @@ class Child:
     _fds: list[int] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
     _finisher: asyncio.Future[None] | None = None
+    _stop_sent: bool = False
 
     def start(self) -> None:
         """Spawn synchronously; the reaper registration happens in the same step."""
@@ -269,19 +273,31 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
+    def send_stop_signal(self) -> None:
+        """Stop signal (then SIGCONT) to the group, synchronously and once per run.
+
+        Synchronous so the supervisor can chain one child's stop to another's
+        last line in the same loop step (issue 15: every hop was a wake-up the
+        scheduler could delay by milliseconds).
+        """
+        if self._stop_sent or not self.running:
+            return
+        self._stop_sent = True
+        self.signal_group(self.spec.stop_signal)
+        # A stopped (SIGSTOP, frozen) child would hold its stop signal pending until SIGKILL at the
+        # grace, losing what SpacetimeDB flushes on SIGINT: wake it to handle it (s6-supervise sends
+        # CONT after its down-signal too).  A running child ignores SIGCONT.
+        self.signal_group(signal.SIGCONT)
+
     async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
-        """Stop signal (then SIGCONT) to the group, wait up to ``grace`` (or until ``force``), then SIGKILL.
+        """The stop signal (unless ``send_stop_signal`` sent it), up to ``grace`` (or until ``force``), SIGKILL.
 
         Returns ``(returncode, killed)``.
         """
         if not self.running:
             return (self.returncode if self.returncode is not None else 0), False
         grace = self.spec.grace if grace is None else grace
-        self.signal_group(self.spec.stop_signal)
-        # A stopped (SIGSTOP, frozen) child would hold its stop signal pending until SIGKILL at the
-        # grace, losing what SpacetimeDB flushes on SIGINT: wake it to handle it (s6-supervise sends
-        # CONT after its down-signal too).  A running child ignores SIGCONT.
-        self.signal_group(signal.SIGCONT)
+        self.send_stop_signal()
         waiter = asyncio.ensure_future(self._done.wait())
         others: set[asyncio.Future[object]] = {waiter}
         forcer = None

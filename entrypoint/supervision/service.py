@@ -111,6 +111,7 @@ class Service:
         # Set by a subclass when the current run says it serves nothing any more although its process is
         # still exiting (Caddy's "shutdown complete"): the supervisor may stop the next service from then.
         self.done_serving = asyncio.Event()
+        self._when_done_serving: list[Callable[[], None]] = []
         self.generation = 0  # how many runs became ready; lets others react to a restart
         self._next_generation = asyncio.Event()  # set (and replaced) each time a run becomes ready
         self._adopted: ChildHandle | None = None
@@ -332,22 +333,58 @@ class Service:
             return
         level, fields = logs.child_event(self.name, stream, text)
         self._tail = [*self._tail[-9:], str(fields.get("message", ""))[:300]]
-        self.on_line(stream, fields)
         if self.child is not None and self.child.pid is not None:
             fields["pid"] = self.child.pid
         logs.emit(level, fields)
+        # After the line is logged: what it triggers (ready, the next child's stop) reads after it.
+        self.on_line(stream, fields)
 
-    # -- stop (called by the supervisor, after the loop above was cancelled) ---------------
-    async def stop(self, grace: float, force: asyncio.Event) -> None:
-        """Stop the run that exists, if any: its stop signal, ``grace`` seconds (or until ``force``), SIGKILL."""
+    # -- stop (called by the supervisor, as the loop above is cancelled) ---------------------
+    def begin_stop(self, grace: float, force: asyncio.Event) -> asyncio.Future[None]:
+        """Send the stop signal now, in the caller's step; the returned future is the rest of the stop.
+
+        Synchronous on purpose: the supervisor calls it from the step that
+        handles the signal, and from the line that says the previous child is
+        done serving, so no scheduler wake-up sits between the two.
+        """
         child = self.child
         if child is None or not child.running:
             self.info.state = state.STOPPED
-            return
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         self.info.state = state.STOPPING
         started = self.clock()
+        child.send_stop_signal()  # the signal first: a stop must never wait on a log write
         log.info("child.stopping", child=self.name, pid=child.pid,
                  signal=signal.Signals(self.stop_signal).name, grace_s=round(grace, 2))
+        return asyncio.ensure_future(self._finish_stop(child, grace, force, started))
+
+    async def stop(self, grace: float, force: asyncio.Event) -> None:
+        """Stop the run that exists, if any: its stop signal, ``grace`` seconds (or until ``force``), SIGKILL."""
+        await self.begin_stop(grace, force)
+
+    def mark_done_serving(self) -> None:
+        """The current run serves nothing any more although its process is still exiting.
+
+        Whoever waits for that (``call_when_done_serving``) is called right
+        here, in this step: the next child's stop signal leaves without a hop.
+        """
+        if self.done_serving.is_set():
+            return
+        self.done_serving.set()
+        callbacks, self._when_done_serving = self._when_done_serving, []
+        for callback in callbacks:
+            callback()
+
+    def call_when_done_serving(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once the current run is done serving (at once if it already is)."""
+        if self.done_serving.is_set():
+            callback()
+        else:
+            self._when_done_serving.append(callback)
+
+    async def _finish_stop(self, child: ChildHandle, grace: float, force: asyncio.Event, started: float) -> None:
         code, killed = await child.stop(grace, force)
         self.info.state = state.STOPPED
         self.info.pid = None

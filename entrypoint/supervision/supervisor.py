@@ -7,7 +7,7 @@ which children or which work they are (that is ``entrypoint/startup.py``)::
       main task: first() → TaskGroup { each service's supervise(), each job, the readiness announcement }
       until a stop request (signal) or the first Fatal / internal error:
       stop = cancel main (every service loop and job ends at its next await: nothing restarts)
-           ∥ meanwhile: /readyz 503 → each service's child stopped, in reverse start order,
+           ∥ in the signal's own step: /readyz 503 → each service's child stopped, in reverse start order,
                         each within its grace, all within POGLY_STOP_TIMEOUT; the next one's stop
                         begins when the previous child has exited or said it serves nothing any more
       → main's helpers gone (cancelled short commands are killed and reaped) → as PID 1 or subreaper, sweep stragglers
@@ -60,6 +60,9 @@ class Supervisor:
         self._stop_deadline: float | None = None  # when the children must be gone (POGLY_STOP_TIMEOUT − margin)
         self._stopping = asyncio.Event()
         self._force = asyncio.Event()
+        self._all_begun: asyncio.Future[None] | None = None  # set by _begin_shutdown: every stop signal sent
+        self._stops: list[asyncio.Future[None]] = []
+        self._shutdown_start = 0.0
 
     # -- signals ---------------------------------------------------------------------------
     def request_stop(self, signum: int, at: float | None = None) -> None:
@@ -69,8 +72,10 @@ class Supervisor:
         if not self._stop_requested:
             self._stop_requested = True
             self._stop_at = self.clock() if at is None else at  # POGLY_STOP_TIMEOUT counts from the signal
-            self._stop()
-            log.info("signal.received", signal=name, action="stopping")
+            try:
+                log.info("signal.received", signal=name, action="stopping")
+            finally:  # the intent is recorded: a failed log write cannot keep the stop from happening
+                self._stop()  # Caddy's stop signal leaves in this very step
         elif not self._force.is_set():
             self._force.set()
             log.warning("signal.received", signal=name, action="second signal: skipping remaining graces, SIGKILL now")
@@ -98,9 +103,16 @@ class Supervisor:
         return self.exit_code
 
     def _stop(self) -> None:
-        """The stop: cancel the task group (nothing restarts after this) and wake ``run`` to stop the children."""
+        """The stop: cancel the task group (nothing restarts after this) and send the first stop signal.
+
+        The first child's stop signal leaves here, synchronously: from a
+        signal that is the handler's own step, ahead of the clean-up of every
+        cancelled task.  Before ``run`` has begun there is nothing to stop yet;
+        ``run`` calls this again once it has.
+        """
         if self._main is not None:
             self._main.cancel()
+            self._begin_shutdown()
         self._stopping.set()
 
     async def _everything(self, first: Callable[[], None] | None, jobs: dict[str, Job],
@@ -143,29 +155,70 @@ class Supervisor:
         log.info("entrypoint.ready", **ready_fields(), ready_ms=round(elapsed * 1000, 1))
 
     # -- shutdown --------------------------------------------------------------------------
-    async def _shutdown(self) -> None:
-        """Reverse start order, each child within its grace, all within the stop budget.
+    def _begin_shutdown(self) -> None:
+        """Reverse start order, each child within its grace, all within the stop budget; once.
 
         The order is what keeps requests whole: Caddy drains what it is serving
         before SpacetimeDB stops answering it.  A child that has said it serves
-        nothing any more (``Service.done_serving``: Caddy logs "shutdown
+        nothing any more (``Service.mark_done_serving``: Caddy logs "shutdown
         complete" once every server has drained, ~8 ms before its process is
         gone) lets the next stop begin at once, so the two exits overlap and
         a stop costs about the longer of them instead of their sum (issue 15).
+
+        Each stop signal leaves synchronously: the first in the caller's step,
+        each next one inside the callback that relays the previous child's
+        last line, or when the previous child's exit is seen.  No task hop sits
+        in between: under load each hop was a wake-up the scheduler could
+        delay by milliseconds.  ``_shutdown`` waits for what this began.
         """
+        if self._all_begun is not None:
+            return
         self.status.shutting_down = True  # /readyz answers 503 from here on
-        start = self.clock() if self._stop_at is None else min(self._stop_at, self.clock())
+        start = self._shutdown_start = self.clock() if self._stop_at is None else min(self._stop_at, self.clock())
         deadline = self._stop_deadline = start + self.stop_timeout - STOP_MARGIN
-        stops: list[asyncio.Future[None]] = []
-        for service in reversed(self.services):
+        pending = list(reversed(self.services))
+        stops = self._stops
+        all_begun = self._all_begun = asyncio.get_running_loop().create_future()
+
+        def begin_next() -> None:
+            if not pending:
+                if not all_begun.done():
+                    all_begun.set_result(None)
+                return
+            service = pending.pop(0)
             remaining = max(deadline - self.clock(), 0.0)
-            stop = asyncio.ensure_future(service.stop(min(service.grace(), remaining), self._force))
+            try:
+                stop = service.begin_stop(min(service.grace(), remaining), self._force)
+            except BaseException as exc:  # raised in a callback it would be lost, and the stop would hang
+                if not all_begun.done():
+                    all_begun.set_exception(exc)
+                return
             stops.append(stop)
-            released = asyncio.ensure_future(service.done_serving.wait())
-            await asyncio.wait({stop, released}, return_when=asyncio.FIRST_COMPLETED)
-            released.cancel()
-        await asyncio.gather(*stops)
-        self.status.stop_seconds = round(self.clock() - start, 3)
+            released = False
+
+            def release(*_: object) -> None:  # whichever comes first: done serving, or gone
+                nonlocal released
+                if not released:
+                    released = True
+                    begin_next()
+
+            stop.add_done_callback(release)
+            service.call_when_done_serving(release)
+
+        begin_next()
+
+    async def _shutdown(self) -> None:
+        """Wait for the stop ``_begin_shutdown`` began: every child gone, or killed at its grace."""
+        self._begin_shutdown()
+        assert self._all_begun is not None
+        try:
+            await self._all_begun
+        finally:  # every stop that began runs to its end, whatever went wrong with the next one
+            if self._stops:
+                await asyncio.wait(self._stops)
+        for stop in self._stops:
+            stop.result()  # a stop's own failure is raised, as before
+        self.status.stop_seconds = round(self.clock() - self._shutdown_start, 3)
 
     async def _await_main(self) -> None:
         """Let every cancelled task finish its cleanup, but never past the stop budget.

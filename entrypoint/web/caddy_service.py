@@ -125,7 +125,7 @@ class CaddyService(Service):
         elif message == DONE_MSG:
             # Logged once every app has stopped (each HTTP server drained) and just before os.Exit
             # (caddyserver/caddy caddy.go, exitProcess, at 0cf03d3): nothing proxied is in flight any more.
-            self.done_serving.set()
+            self.mark_done_serving()
 
     def grace(self) -> float:
         from entrypoint.web import caddy

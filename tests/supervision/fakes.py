@@ -110,6 +110,8 @@ class FakeChild:
         self.launched_at = 0.0
         self._done = asyncio.Event()
         self._timers: list[asyncio.TimerHandle] = []
+        self._stop_sent = False
+        self._stop_note: dict[str, Any] = {}
 
     def _note(self, what: str, detail: Any = None) -> None:
         self.journal.append((asyncio.get_running_loop().time(), self.spec.name, what, detail))
@@ -150,16 +152,26 @@ class FakeChild:
         assert self.code is not None
         return self.code
 
-    async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
-        """Like ``Child.stop``: the stop signal, up to ``grace`` (or until ``force``), then SIGKILL."""
-        if not self.running:
-            return (self.code if self.code is not None else 0), False
-        self._note("stop_signal", {"signal": self.spec.stop_signal, "grace": grace, "observed": self.observe()})
+    def send_stop_signal(self) -> None:
+        """Like ``Child.send_stop_signal``: once per run, in the caller's step."""
+        if self._stop_sent or not self.running:
+            return
+        self._stop_sent = True
+        # The grace is only known to stop(), which follows in the next step; it fills it in here.
+        self._stop_note = {"signal": self.spec.stop_signal, "grace": None, "observed": self.observe()}
+        self._note("stop_signal", self._stop_note)
         loop = asyncio.get_running_loop()
         for at, line in self.run.stop_lines:
             self._timers.append(loop.call_later(at, self.sink, "stderr", line.encode(), False))
         if self.run.stop_takes is not None:
             self._timers.append(loop.call_later(self.run.stop_takes, self._exit, 0))
+
+    async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> tuple[int, bool]:
+        """Like ``Child.stop``: the stop signal (unless sent), up to ``grace`` (or until ``force``), SIGKILL."""
+        if not self.running:
+            return (self.code if self.code is not None else 0), False
+        self.send_stop_signal()
+        self._stop_note["grace"] = grace
         waiters = {asyncio.ensure_future(self._done.wait())}
         if force is not None:
             waiters.add(asyncio.ensure_future(force.wait()))
