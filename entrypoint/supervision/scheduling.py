@@ -41,7 +41,7 @@ def prefer_prompt_wakeups(slice_ns: int = SLICE_NS) -> int | None:
     would take away from the children.
     """
     numbers = _SYSCALL.get(os.uname().machine)
-    if numbers is None:
+    if numbers is None or struct.calcsize("P") != 8:  # uname names the kernel: a 32-bit userland has other numbers
         return None
     setattr_nr, getattr_nr = numbers
     try:
@@ -59,6 +59,10 @@ def prefer_prompt_wakeups(slice_ns: int = SLICE_NS) -> int | None:
         if libc.syscall(getattr_nr, 0, current, _ATTR.size, 0) != 0:
             return None
         runtime = _ATTR.unpack(current.raw)[5]
-        return runtime or None  # 0: a kernel before 6.12 took the call and ignored the slice
+        if not runtime:  # a kernel before 6.12 took the call and ignored the slice: take the flag back too
+            original = _ATTR.pack(_ATTR.size, SCHED_OTHER, flags, nice, 0, 0, 0, 0, 0, 0)
+            libc.syscall(setattr_nr, 0, ctypes.create_string_buffer(original, _ATTR.size), 0)
+            return None
+        return int(runtime)
     except (OSError, AttributeError):
         return None

@@ -62,6 +62,8 @@ class Supervisor:
         self._force = asyncio.Event()
         self._all_begun: asyncio.Future[None] | None = None  # set by _begin_shutdown: every stop signal sent
         self._stops: list[asyncio.Future[None]] = []
+        self._stop_failures: list[Exception] = []  # a stop that could not begin; raised once the others ended
+        self._service_tasks: list[asyncio.Task[None]] = []
         self._shutdown_start = 0.0
 
     # -- signals ---------------------------------------------------------------------------
@@ -112,6 +114,12 @@ class Supervisor:
         """
         if self._main is not None:
             self._main.cancel()
+            # The task group passes the cancellation on only when main next wakes, a step from now.  A
+            # service loop whose wake-up is already queued (a child that just exited or became ready, a
+            # restart pause that just ended) would take one more step before that: launch a child nobody
+            # stops, or write "backoff"/"ready" over "stopping".  Cancelled here, that step raises instead.
+            for task in self._service_tasks:
+                task.cancel()
             self._begin_shutdown()
         self._stopping.set()
 
@@ -122,7 +130,7 @@ class Supervisor:
                 first()
             async with asyncio.TaskGroup() as tasks:
                 for service in self.services:
-                    tasks.create_task(service.supervise(), name=service.name)
+                    self._service_tasks.append(tasks.create_task(service.supervise(), name=service.name))
                 tasks.create_task(self._announce_ready(ready_when, ready_fields), name="ready")
                 for name, job in jobs.items():
                     tasks.create_task(job(), name=name)
@@ -189,9 +197,9 @@ class Supervisor:
             remaining = max(deadline - self.clock(), 0.0)
             try:
                 stop = service.begin_stop(min(service.grace(), remaining), self._force)
-            except BaseException as exc:  # raised in a callback it would be lost, and the stop would hang
-                if not all_begun.done():
-                    all_begun.set_exception(exc)
+            except Exception as exc:  # raised in a callback it would be lost: kept, raised by _shutdown
+                self._stop_failures.append(exc)
+                begin_next()  # the next child is stopped all the same (SpacetimeDB's flush must not depend on it)
                 return
             stops.append(stop)
             released = False
@@ -211,13 +219,13 @@ class Supervisor:
         """Wait for the stop ``_begin_shutdown`` began: every child gone, or killed at its grace."""
         self._begin_shutdown()
         assert self._all_begun is not None
-        try:
-            await self._all_begun
-        finally:  # every stop that began runs to its end, whatever went wrong with the next one
-            if self._stops:
-                await asyncio.wait(self._stops)
+        await self._all_begun
+        if self._stops:
+            await asyncio.wait(self._stops)  # every stop that began runs to its end, whatever failed meanwhile
         for stop in self._stops:
             stop.result()  # a stop's own failure is raised, as before
+        if self._stop_failures:
+            raise self._stop_failures[0]
         self.status.stop_seconds = round(self.clock() - self._shutdown_start, 3)
 
     async def _await_main(self) -> None:
