@@ -5,7 +5,7 @@
     __main__   SIGTERM/SIGINT handlers first (a signal to PID 1 without one is lost); caught ones replayed below
     cli        settings: every problem at once → exit 78, before anything starts
     run()      ── no asyncio yet: SpacetimeDB takes longest to be ready and need not wait ~80 ms for imports ──
-      ├─ become the reaper: PID 1 by nature, else PR_SET_CHILD_SUBREAPER; ask for a short time slice
+      ├─ become the reaper: PID 1 by nature, else PR_SET_CHILD_SUBREAPER
       ├─ SpacetimeDB spawned (prespawn; skipped when a signal already came or a volume looks unusable)
       ├─ the `oidc-check` helper spawned too (its imports overlap ours; skipped with OIDC off or any doubt)
       └─ logging → event loop
@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, NoReturn
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
 from entrypoint.oidc import helper as oidc_helper
 from entrypoint.spacetimedb.server import prespawn
-from entrypoint.supervision.scheduling import prefer_prompt_wakeups
 from entrypoint.supervision.spawn import become_subreaper
 from entrypoint.version import __version__
 
@@ -83,9 +82,6 @@ def run(settings: Settings, pending: list[tuple[int, float]]) -> NoReturn:
     sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
     # Adopt orphans before the first child exists (PID 1 does so by nature).
     role = "pid1" if os.getpid() == 1 else ("subreaper" if become_subreaper() else "none")
-    # Woken promptly by a signal or a child's line even while SpacetimeDB keeps the CPUs busy; children keep
-    # the default slice (supervision/scheduling.py).
-    slice_ns = prefer_prompt_wakeups()
     # SpacetimeDB first: it takes longest to be ready, and asyncio, structlog and
     # the supervisor cost ~80 ms of imports that it need not wait for.
     early = None if pending else prespawn(settings)
@@ -96,12 +92,12 @@ def run(settings: Settings, pending: list[tuple[int, float]]) -> NoReturn:
     from entrypoint import logs
 
     logs.configure(settings.log_format, settings.debug_mode, level=settings.log_level)
-    asyncio.run(serve(settings, pending, early, role, oidc_early, slice_ns))
+    asyncio.run(serve(settings, pending, early, role, oidc_early))
     raise AssertionError("serve() exits the process")  # pragma: no cover
 
 
 async def serve(settings: Settings, pending: list[tuple[int, float]], early: Early | None, role: str,
-                oidc_early: Spawned | None = None, slice_ns: int | None = None) -> NoReturn:
+                oidc_early: Spawned | None = None) -> NoReturn:
     """The event loop's part of the story: supervise until stopped, then exit at once."""
     import asyncio
     import signal
@@ -117,7 +113,6 @@ async def serve(settings: Settings, pending: list[tuple[int, float]], early: Ear
 
     log = logs.get()
     log.info("entrypoint.start", version=__version__, pid=os.getpid(), reaper=role,
-             sched_slice_ms=slice_ns / 1e6 if slice_ns else None,
              issuer=settings.oidc_issuer, client_id=settings.oidc_client_id, modules=list(settings.modules))
     if role == "none":
         log.warning("entrypoint.no_reaper", message="not PID 1 and PR_SET_CHILD_SUBREAPER failed: "
