@@ -38,6 +38,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("wakeups_claimed", "PID 1 wake-ups, idle (claimed)", "/s", 1),
     Metric("relay_lines_per_s", "log relay, 200k-line burst", "lines/s"),
     Metric("relay_lines_lost", "… burst lines lost or garbled (interleaved with another writer)", "", ratio=False),
+    Metric("relay_lines_dropped_reported", "… of them dropped by PID 1 and reported (`logs.dropped`)", "",
+           ratio=False),
     Metric("relay_peak_rss_mb", "PID 1 peak RSS (VmHWM) with the burst", "MB", 1),
     Metric("boot_peak_rss_mb", "PID 1 peak RSS (VmHWM), normal boot", "MB", 1),
 )

@@ -356,6 +356,10 @@ def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path,
                 wait_ready(boot, checks, READY_TIMEOUT)  # and whatever it does after the burst
                 status = procfs.status(boot.inner_pid) or {}
                 res["relay_peak_rss_mb"] = status.get("VmHWM", 0) / 1024 or None
+            if subject.pogly:  # what it says it dropped while this harness's reader was 256 KiB behind
+                with (tmp / "flood.log").open("rb") as fh:
+                    res["relay_lines_dropped_reported"] = sum(
+                        int(json.loads(raw).get("lines", 0)) for raw in fh if b'"logs.dropped"' in raw)
     except BenchError as exc:
         res["errors"].append(str(exc))
     finally:
