@@ -102,8 +102,9 @@ def stored_token(document: Mapping[str, Any]) -> str | None:
 def read_cli_toml(path: Path) -> dict[str, Any]:
     """The CLI config as a dict; ``{}`` when absent.
 
-    An unreadable or malformed file is fatal rather than replaced: it may hold
-    the only copy of the token that owns the databases.
+    An unreadable or malformed file, or a ``spacetimedb_token`` that is not a
+    string, is fatal rather than replaced: it may hold the only copy of the
+    token that owns the databases.
     """
     import tomllib
 
@@ -115,7 +116,7 @@ def read_cli_toml(path: Path) -> dict[str, Any]:
         raise Fatal(EXIT_CONFIG, f"cannot read {path}: {exc}. Check the config volume's permissions.",
                     event="identity.cli_toml_unreadable", path=str(path)) from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        document = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise Fatal(
             EXIT_CONFIG,
@@ -123,6 +124,16 @@ def read_cli_toml(path: Path) -> dict[str, Any]:
             "is not overwritten: fix it by hand (or restore it from backup) and restart.",
             event="identity.cli_toml_invalid", path=str(path),
         ) from None
+    token = document.get("spacetimedb_token")
+    if token is not None and not isinstance(token, str):  # e.g. `spacetimedb_token = 5`: damaged, not "no token"
+        raise Fatal(
+            EXIT_CONFIG,
+            f"spacetimedb_token in {path} is a {type(token).__name__}, not a token string. Restore cli.toml from "
+            "the backup of this config volume; it is not replaced automatically because the databases belong to "
+            "the identity of the original token.",
+            event="identity.token_invalid", path=str(path),
+        )
+    return document
 
 
 def _cli_host(addr: HostPort) -> str:
@@ -264,15 +275,6 @@ async def ensure_identity(
     path = config_dir / CLI_TOML
     existing = read_cli_toml(path)
     token = stored_token(existing)
-    if token is None and existing.get("spacetimedb_token") not in (None, "") and not isinstance(
-            existing.get("spacetimedb_token"), str):  # e.g. `spacetimedb_token = 5`: a damaged file, not "no token"
-        raise Fatal(
-            EXIT_CONFIG,
-            f"spacetimedb_token in {path} is a {type(existing['spacetimedb_token']).__name__}, not a token string. "
-            "Restore cli.toml from the backup of this config volume; it is not replaced automatically because "
-            "the databases belong to the identity of the original token.",
-            event="identity.token_invalid", path=str(path),
-        )
     if token is not None:
         try:
             identity = token_identity(token)
