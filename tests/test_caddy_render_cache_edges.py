@@ -141,3 +141,19 @@ def test_a_deeply_nested_stamp_means_render_again_not_an_internal_error(tmp_path
     caddy.write(settings, caddy.render(settings))
     caddy.render_stamp_path(settings).write_text("[" * 100_000)
     assert caddy.reusable_caddyfile(settings, key) is None
+
+
+def test_a_validation_stamp_that_is_a_fifo_never_blocks_the_start(tmp_path: Path) -> None:
+    # The twin of the render stamp above: `Caddyfile.validated` is read in prepare, on the event loop, too.
+    # A FIFO there made open() wait for a writer forever: no ready, no SIGTERM handled.  It must mean
+    # "validate again", and the stamp is then replaced by a regular file (temp + rename).
+    env = base_env(tmp_path)
+    run_dir = Path(env["POGLY_RUN_DIR"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = run_dir / "Caddyfile.validated"
+    os.mkfifo(stamp)
+    with Running(env) as run:
+        run.wait_event("entrypoint.ready", timeout=60)
+        assert _count(run, "caddy.validate_skipped") == 0
+        run.stop()
+    assert stamp.is_file()

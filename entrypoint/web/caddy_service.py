@@ -10,7 +10,6 @@ Caddy's "failed startup", which its docs say not to restart, so it is fatal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from entrypoint import logs
 from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE, Fatal
-from entrypoint.fsutil import atomic_write
+from entrypoint.fsutil import atomic_write, read_small_file
 from entrypoint.supervision.process import ChildSpec, describe_exit
 from entrypoint.supervision.service import Died, Outcome, Service
 
@@ -57,10 +56,11 @@ class CaddyService(Service):
         self.caddyfile = path
         stamp = path.with_name(path.name + ".validated")
         key = caddy.validation_key(self.settings, text)
-        with contextlib.suppress(OSError):
-            if stamp.read_text() == key:
-                log.info("caddy.validate_skipped", reason="this Caddyfile was validated by this caddy binary")
-                return
+        # Read like the render stamp beside it: whatever is not a small regular file (a FIFO would block the
+        # loop in open()) means "validate again".
+        if read_small_file(stamp) == key.encode():
+            log.info("caddy.validate_skipped", reason="this Caddyfile was validated by this caddy binary")
+            return
 
         async def runner(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, bytes, bytes]:
             return await run_capture(argv, env, timeout, self.reaper)
