@@ -323,6 +323,10 @@ class Writer:
             self.proc.kill()
             self.proc.wait(5)
         self._reader.join(10)
+        if self._reader.is_alive():  # a short list would under-count the writes lost: say so instead
+            raise BenchError("writer: its output was not read to the end within 10 s")
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         with self._lock:
             text = b"".join(self._chunks).decode()
         return [line for line in text.split("\n") if line]

@@ -211,12 +211,12 @@ def sigkill_spacetimedb(boot: Boot, checks: list, stdb_port: int) -> dict[str, A
     return out
 
 
-def events(log_path: Path) -> list[dict[str, Any]]:
-    """pogly-entrypoint's JSON lines from a boot's log (other lines skipped)."""
+def events(log_path: Path, containing: bytes = b"") -> list[dict[str, Any]]:
+    """pogly-entrypoint's JSON lines from a boot's log (other lines, and those without ``containing``, skipped)."""
     out = []
     with log_path.open("rb") as fh:
         for raw in fh:
-            if raw.startswith(b"{"):
+            if raw.startswith(b"{") and containing in raw:
                 try:
                     out.append(json.loads(raw))
                 except ValueError:
@@ -357,9 +357,9 @@ def run_subject(subject: Subject, run_no: int, issuer: str, logs: Path,
                 status = procfs.status(boot.inner_pid) or {}
                 res["relay_peak_rss_mb"] = status.get("VmHWM", 0) / 1024 or None
             if subject.pogly:  # what it says it dropped while this harness's reader was 256 KiB behind
-                with (tmp / "flood.log").open("rb") as fh:
-                    res["relay_lines_dropped_reported"] = sum(
-                        int(json.loads(raw).get("lines", 0)) for raw in fh if b'"logs.dropped"' in raw)
+                res["relay_lines_dropped_reported"] = sum(
+                    int(e.get("lines", 0)) for e in events(tmp / "flood.log", containing=b'"logs.dropped"')
+                    if e.get("event") == "logs.dropped")
     except BenchError as exc:
         res["errors"].append(str(exc))
     finally:

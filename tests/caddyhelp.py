@@ -391,3 +391,13 @@ def tokens_by_line(text: str) -> dict[int, list[str]]:
     for number, token in tokenize(text):
         out.setdefault(number, []).append(token)
     return out
+
+
+def write_stamped(settings: Settings) -> tuple[str, str]:
+    """Render, write the Caddyfile and its render stamp, as a first boot does; ``(render_key, text)``."""
+    key = caddy.render_key(settings)
+    assert key is not None
+    text = caddy.render(settings)
+    caddy.write(settings, text)
+    caddy.write_render_stamp(settings, key, text)
+    return key, text

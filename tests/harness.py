@@ -136,6 +136,14 @@ def processes() -> list[Proc]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    """A process's argv joined by spaces; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def descendants(root: int) -> list[int]:
     """Every process below ``root`` (children, grandchildren, re-parented orphans)."""
     parents = {p.pid: p.ppid for p in processes()}

@@ -170,12 +170,7 @@ sys.stdout.write(text or "NOT REUSED")
 
 def test_reuse_path_works_with_jinja2_unimportable(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    settings = config.load(env)
-    key = caddy.render_key(settings)
-    assert key is not None
-    text = caddy.render(settings)
-    caddy.write(settings, text)
-    caddy.write_render_stamp(settings, key, text)
+    _, text = ch.write_stamped(config.load(env))  # the subprocess loads the same settings from env
     out = subprocess.run([sys.executable, "-c", REUSE_WITHOUT_JINJA2], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -223,12 +218,7 @@ def test_render_key_is_none_when_an_input_is_unusable(tmp_path: Path) -> None:
 
 def _stamped(tmp: Path) -> tuple[Any, str, str]:
     settings = ch.base_settings(tmp)
-    key = caddy.render_key(settings)
-    assert key is not None
-    text = caddy.render(settings)
-    caddy.write(settings, text)
-    caddy.write_render_stamp(settings, key, text)
-    return settings, key, text
+    return (settings, *ch.write_stamped(settings))
 
 
 def test_reusable_caddyfile_only_when_stamp_and_text_agree(tmp_path: Path) -> None:

@@ -112,11 +112,7 @@ def test_a_caddyfile_or_stamp_that_is_not_a_regular_file_never_blocks_the_start(
     is not a regular file must mean "render again", promptly.
     """
     settings = ch.base_settings(tmp_path)
-    key = caddy.render_key(settings)
-    assert key is not None
-    text = caddy.render(settings)
-    caddy.write(settings, text)
-    caddy.write_render_stamp(settings, key, text)
+    key, _ = ch.write_stamped(settings)
     path = caddy.caddyfile_path(settings) if which == "Caddyfile" else caddy.render_stamp_path(settings)
     path.unlink()
     os.mkfifo(path)

@@ -19,7 +19,7 @@ import pytest
 
 from entrypoint import config
 from entrypoint.oidc import memo
-from tests.harness import Running, base_env, free_port, wait_for
+from tests.harness import Running, base_env, cmdline, free_port, wait_for
 from tests.oidc.fixtures import node_provider
 from tests.test_pid1 import namespace_procs
 
@@ -34,13 +34,6 @@ def _first_boot(env: dict[str, str]) -> None:
     with Running(env, pid1=True) as run:
         assert run.wait_event("entrypoint.ready", timeout=60)["oidc"] == "verified"
         run.stop()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _nice(pid: int) -> int:
@@ -64,7 +57,7 @@ def test_a_restart_with_verified_settings_is_ready_while_the_check_runs_again_at
         assert run.find(lambda e: e.get("event") == "oidc.rechecking")
         assert httpx.get(f"http://{env['POGLY_HEALTH_ADDR']}/status").json()["oidc"] == "rechecking"
         assert httpx.get(f"http://127.0.0.1:{env['POGLY_HTTP_PORT']}/readyz").status_code == 200
-        helpers = wait_for(lambda: [p for p in namespace_procs(run.inner_pid) if "oidc-check" in _cmdline(p.pid)],
+        helpers = wait_for(lambda: [p for p in namespace_procs(run.inner_pid) if "oidc-check" in cmdline(p.pid)],
                            10, "the oidc-check helper")
         assert [_nice(p.pid) for p in helpers] == [19]
         with node_provider("--shape", "keycloak", "--port", str(port)):

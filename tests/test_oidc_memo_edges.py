@@ -25,8 +25,9 @@ from entrypoint.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from entrypoint.oidc import memo, verdict
 from entrypoint.supervision.process import Reaper
 from entrypoint.supervision.status import Status
-from tests.harness import Running, base_env, free_port
+from tests.harness import Running, base_env, cmdline, free_port, wait_for
 from tests.oidc.fixtures import node_provider
+from tests.test_pid1 import namespace_procs
 
 ISSUER = "https://id.example.com/realms/pogly"
 
@@ -228,6 +229,8 @@ def test_a_stop_while_the_low_priority_recheck_still_runs_leaves_no_straggler(tm
     assert memo.remember(settings) is None
     with Running(env, pid1=True) as run:
         assert run.wait_event("entrypoint.ready", timeout=60)["oidc"] == "rechecking"
+        wait_for(lambda: [p for p in namespace_procs(run.inner_pid) if "oidc-check" in cmdline(p.pid)],
+                 10, "the oidc-check helper, still running when the stop comes")
         run.stop()  # exit 0
     assert run.find(lambda e: e.get("event") == "entrypoint.straggler_killed") == []
     assert memo.memo_path(settings).exists()  # a stop is no verdict about the provider

@@ -31,6 +31,7 @@ from tests.supervision.fakes import (
     run_virtual,
     serving_spacetime,
     settings_for,
+    stop_signals,
 )
 
 EPS = 1e-10  # below the loop's clock resolution (1e-9): due in the same iteration, and after the other timer
@@ -122,7 +123,7 @@ def test_a_failure_stopping_caddy_still_stops_spacetimedb(tmp_path: Path) -> Non
 
     world, error = run_virtual(main)
     assert isinstance(error, PermissionError)  # surfaced, as the existing chain test wants
-    stopped = [name for _, name, what, _ in world.journal if what == "stop_signal"]
+    stopped = [name for name, _ in stop_signals(world)]
     assert "spacetimedb" in stopped, "SpacetimeDB never got its SIGINT because Caddy's stop signal failed"
     assert not any(c.running for c in world.spacetime_runs.children)
 
@@ -184,7 +185,7 @@ def test_a_run_that_was_never_launched_is_stopped_at_once_and_the_chain_moves_on
         return world
 
     world = run_virtual(main)
-    assert [name for _, name, what, _ in world.journal if what == "stop_signal"] == ["spacetimedb"]
+    assert [name for name, _ in stop_signals(world)] == ["spacetimedb"]
     assert world.status.children["caddy"].state == STOPPED
     assert world.status.children["spacetimedb"].state == STOPPED
 

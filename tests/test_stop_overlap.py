@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from entrypoint.errors import EXIT_CONFIG, Fatal
 from entrypoint.supervision.status import STOPPED
@@ -36,40 +35,24 @@ from tests.supervision.fakes import (
     Run,
     World,
     history,
+    play,
     ready_caddy,
     run_virtual,
     serving_spacetime,
     settings_for,
     stop_at,
+    stop_signals,
 )
-
-
-def _play(tmp: Path, spacetime: list[Run], caddy_runs: list[Run], *, stops: tuple[tuple[float, int], ...] = (),
-          jobs: dict[str, Any] | None = None, **settings: Any) -> tuple[int, World, list[dict[str, Any]]]:
-    async def main() -> tuple[int, World, list[dict[str, Any]]]:
-        world = World.build(settings_for(tmp, **settings), spacetime, caddy_runs)
-        supervisor = world.supervisor()
-        for when, signum in stops:
-            stop_at(when, supervisor, signum)
-        with capture_logs() as logs:
-            code = await supervisor.run(jobs=jobs)
-        return code, world, logs
-
-    return run_virtual(main)
-
-
-def _stop_signals(world: World) -> list[tuple[str, float]]:
-    return [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]
 
 
 def test_a_second_signal_during_the_overlap_kills_both_children_at_once(tmp_path: Path) -> None:
     # Caddy said it is done but its process hangs; SpacetimeDB ignores its SIGINT: both are stopping at once
     # when the second signal comes, and both must be SIGKILLed then, not one after the other's grace.
     caddy_run = ready_caddy(stop_takes=None, stop_lines=[(0.1, CADDY_DONE)])
-    code, world, _ = _play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
+    code, world, _ = play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
                            stops=((1.0, signal.SIGTERM), (2.0, signal.SIGINT)), stop_timeout=120.0)
     assert code == 0
-    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
+    assert stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
     kills = {name: t for t, name, what, _ in world.journal if what == "sigkill"}
     assert kills == {"caddy": pytest.approx(2.0), "spacetimedb": pytest.approx(2.0)}
     assert world.status.stop_seconds == pytest.approx(1.0)
@@ -80,7 +63,7 @@ def test_a_caddy_slow_to_exit_after_its_line_keeps_the_whole_stop_within_the_bud
     # SIGINT.  SpacetimeDB's grace is its own, capped by what is left of POGLY_STOP_TIMEOUT at Caddy's line, and
     # the whole stop ends within the budget (minus our own margin), not at Caddy's grace plus SpacetimeDB's.
     caddy_run = ready_caddy(stop_takes=None, stop_lines=[(0.1, CADDY_DONE)])
-    code, world, _ = _play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
+    code, world, _ = play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
                            stops=((1.0, signal.SIGTERM),), stop_timeout=6.0)
     assert code == 0
     caddy_grace = caddy.stop_grace(world.settings)
@@ -95,7 +78,7 @@ def test_a_caddy_slow_to_exit_after_its_line_keeps_the_whole_stop_within_the_bud
 
 def test_a_late_line_leaves_spacetimedb_only_what_is_left_of_the_budget(tmp_path: Path) -> None:
     caddy_run = ready_caddy(stop_takes=2.2, stop_lines=[(2.0, CADDY_DONE)])
-    code, world, _ = _play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
+    code, world, _ = play(tmp_path, [serving_spacetime(stop_takes=None)], [caddy_run],
                            stops=((1.0, signal.SIGTERM),), stop_timeout=6.0)
     assert code == 0
     [(at, spacetime_stop)] = history(world.journal, "stop_signal", "spacetimedb")
@@ -105,7 +88,7 @@ def test_a_late_line_leaves_spacetimedb_only_what_is_left_of_the_budget(tmp_path
 
 def test_spacetimedb_exiting_first_still_waits_for_caddy_before_the_stop_is_over(tmp_path: Path) -> None:
     caddy_run = ready_caddy(stop_takes=1.0, stop_lines=[(0.05, CADDY_DONE)])
-    code, world, logs = _play(tmp_path, [serving_spacetime(stop_takes=0.1)], [caddy_run],
+    code, world, logs = play(tmp_path, [serving_spacetime(stop_takes=0.1)], [caddy_run],
                               stops=((1.0, signal.SIGTERM),))
     assert code == 0
     exits = [(name, t) for t, name, what, _ in world.journal if what == "exited"]
@@ -121,18 +104,18 @@ def test_spacetimedb_exiting_first_still_waits_for_caddy_before_the_stop_is_over
 ])
 def test_only_caddys_own_done_message_releases_spacetimedb(tmp_path: Path, line: str) -> None:
     caddy_run = ready_caddy(stop_takes=0.3, stop_lines=[(0.1, line)])
-    code, world, _ = _play(tmp_path, [serving_spacetime()], [caddy_run], stops=((1.0, signal.SIGTERM),))
+    code, world, _ = play(tmp_path, [serving_spacetime()], [caddy_run], stops=((1.0, signal.SIGTERM),))
     assert code == 0
-    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
+    assert stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
 
 
 def test_a_spacetimedb_line_saying_shutdown_complete_releases_nothing(tmp_path: Path) -> None:
     spacetime = Run(lines=[(0.0, LISTENING), (0.5, '{"msg":"shutdown complete"}'), (0.6, "shutdown complete")],
                     serving_at=0.0)
-    code, world, _ = _play(tmp_path, [spacetime], [ready_caddy(stop_takes=0.3)], stops=((1.0, signal.SIGTERM),))
+    code, world, _ = play(tmp_path, [spacetime], [ready_caddy(stop_takes=0.3)], stops=((1.0, signal.SIGTERM),))
     assert code == 0
     assert not world.caddy.done_serving.is_set()
-    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
+    assert stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
 
 
 def test_a_restarted_caddy_is_waited_for_although_its_previous_run_said_it_was_done(tmp_path: Path) -> None:
@@ -140,17 +123,17 @@ def test_a_restarted_caddy_is_waited_for_although_its_previous_run_said_it_was_d
     # server: the line of the run before must not let SpacetimeDB stop while run 2 still drains.
     first = Run(lines=[(0.01, CADDY_READY), (0.5, CADDY_DONE)], exit_at=0.51)
     second = ready_caddy(stop_takes=0.3)
-    code, world, _ = _play(tmp_path, [serving_spacetime()], [first, second], stops=((3.0, signal.SIGTERM),))
+    code, world, _ = play(tmp_path, [serving_spacetime()], [first, second], stops=((3.0, signal.SIGTERM),))
     assert code == 0
     assert len(world.caddy_runs.children) == 2
-    assert _stop_signals(world) == [("caddy", 3.0), ("spacetimedb", pytest.approx(3.3))]
+    assert stop_signals(world) == [("caddy", 3.0), ("spacetimedb", pytest.approx(3.3))]
 
 
 def test_a_stop_before_caddy_is_ready_overlaps_too_and_restarts_nothing(tmp_path: Path) -> None:
     not_yet = Run(lines=[(5.0, CADDY_READY)], stop_takes=0.4, stop_lines=[(0.05, CADDY_DONE)])
-    code, world, _ = _play(tmp_path, [serving_spacetime(stop_takes=0.1)], [not_yet], stops=((1.0, signal.SIGTERM),))
+    code, world, _ = play(tmp_path, [serving_spacetime(stop_takes=0.1)], [not_yet], stops=((1.0, signal.SIGTERM),))
     assert code == 0
-    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.05))]
+    assert stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.05))]
     assert len(world.caddy_runs.children) == len(world.spacetime_runs.children) == 1
     assert world.status.stop_seconds == pytest.approx(0.4)
 
@@ -162,10 +145,10 @@ def test_a_fatal_errors_stop_overlaps_the_same_way_and_keeps_its_exit_code(tmp_p
         raise Fatal(EXIT_CONFIG, "the provider answers wrongly", event="oidc.invalid")
 
     caddy_run = ready_caddy(stop_takes=0.3, stop_lines=[(0.1, CADDY_DONE)])
-    code, world, logs = _play(tmp_path, [serving_spacetime(stop_takes=0.5)], [caddy_run],
+    code, world, logs = play(tmp_path, [serving_spacetime(stop_takes=0.5)], [caddy_run],
                               jobs={"oidc": wrong_provider})
     assert code == EXIT_CONFIG
-    assert _stop_signals(world) == [("caddy", 2.0), ("spacetimedb", pytest.approx(2.1))]
+    assert stop_signals(world) == [("caddy", 2.0), ("spacetimedb", pytest.approx(2.1))]
     assert [e["child"] for e in logs if e["event"] == "child.stopped"] == ["caddy", "spacetimedb"]
     assert world.spacetime.info.state == world.caddy.info.state == STOPPED
 
@@ -313,7 +296,7 @@ def test_spacetimedbs_stop_signal_leaves_inside_the_step_that_reads_caddys_last_
         def spy(stream: str, fields: dict[str, Any]) -> None:
             relay(stream, fields)
             if fields.get("message") == "shutdown complete":
-                seen.append([name for name, _ in _stop_signals(world)])
+                seen.append([name for name, _ in stop_signals(world)])
 
         world.caddy.on_line = spy  # type: ignore[method-assign]
         supervisor = world.supervisor()
@@ -323,7 +306,7 @@ def test_spacetimedbs_stop_signal_leaves_inside_the_step_that_reads_caddys_last_
 
     world = run_virtual(main)
     assert seen == [["caddy", "spacetimedb"]]
-    assert _stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
+    assert stop_signals(world) == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
 
 
 def test_caddys_stop_signal_leaves_before_the_cancelled_jobs_clean_up(tmp_path: Path) -> None:
@@ -336,7 +319,7 @@ def test_caddys_stop_signal_leaves_before_the_cancelled_jobs_clean_up(tmp_path: 
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            seen.append([name for name, _ in _stop_signals(world_box[0])])
+            seen.append([name for name, _ in stop_signals(world_box[0])])
             raise
 
     async def main() -> World:
@@ -381,7 +364,7 @@ def test_caddys_stop_signal_leaves_inside_the_signal_handlers_own_step(tmp_path:
 
         def handler() -> None:  # what loop.add_signal_handler calls
             supervisor.request_stop(signal.SIGTERM)
-            seen.append([name for name, _ in _stop_signals(world)])
+            seen.append([name for name, _ in stop_signals(world)])
 
         asyncio.get_running_loop().call_later(1.0, handler)
         assert await supervisor.run() == 0

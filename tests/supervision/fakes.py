@@ -300,3 +300,25 @@ def ready_caddy(**kw: Any) -> Run:
 def stop_at(when: float, supervisor: Supervisor, signum: int = signal.SIGTERM) -> None:
     """Deliver a stop request at virtual time ``when``, as the loop's signal handler would."""
     asyncio.get_running_loop().call_at(when, supervisor.request_stop, signum)
+
+
+def play(tmp: Path, spacetime: list[Run], caddy_runs: list[Run], *, stops: tuple[tuple[float, int], ...] = (),
+         jobs: dict[str, Any] | None = None, **settings: Any) -> tuple[int, World, list[dict[str, Any]]]:
+    """Run the supervisor over the scripted children, with stop requests at the given virtual times."""
+    from structlog.testing import capture_logs
+
+    async def main() -> tuple[int, World, list[dict[str, Any]]]:
+        world = World.build(settings_for(tmp, **settings), spacetime, caddy_runs)
+        supervisor = world.supervisor()
+        for when, signum in stops:
+            stop_at(when, supervisor, signum)
+        with capture_logs() as logs:
+            code = await supervisor.run(jobs=jobs)
+        return code, world, logs
+
+    return run_virtual(main)
+
+
+def stop_signals(world: World) -> list[tuple[str, float]]:
+    """``(child, time)`` of every stop signal sent, in order."""
+    return [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]

@@ -25,32 +25,18 @@ from tests.supervision.fakes import (
     Run,
     World,
     history,
+    play,
     ready_caddy,
     run_virtual,
     serving_spacetime,
     settings_for,
     stop_at,
+    stop_signals,
 )
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == name]
-
-
-def play(tmp: Path, spacetime: list[Run], caddy_runs: list[Run], *, stops: tuple[tuple[float, int], ...] = (),
-         **settings: Any) -> tuple[int, World, list[dict[str, Any]]]:
-    """Run the supervisor over the scripted children, with stop requests at the given virtual times."""
-
-    async def main() -> tuple[int, World, list[dict[str, Any]]]:
-        world = World.build(settings_for(tmp, **settings), spacetime, caddy_runs)
-        supervisor = world.supervisor()
-        for when, signum in stops:
-            stop_at(when, supervisor, signum)
-        with capture_logs() as logs:
-            code = await supervisor.run()
-        return code, world, logs
-
-    return run_virtual(main)
 
 
 def test_ready_is_announced_once_every_service_and_every_condition_is(tmp_path: Path) -> None:
@@ -115,7 +101,7 @@ def test_spacetimedb_stop_begins_when_caddy_says_it_serves_nothing_not_when_its_
     code, world, logs = play(tmp_path, [serving_spacetime(stop_takes=0.5)], [caddy_run],
                              stops=((1.0, signal.SIGTERM),), stop_timeout=6.0)
     assert code == 0
-    stops = [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]
+    stops = stop_signals(world)
     assert stops == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.1))]
     exits = [(name, t) for t, name, what, _ in world.journal if what == "exited"]
     assert exits == [("caddy", pytest.approx(1.3)), ("spacetimedb", pytest.approx(1.6))]
@@ -129,7 +115,7 @@ def test_a_caddy_that_never_says_it_is_done_is_waited_for_until_it_exits(tmp_pat
     code, world, _ = play(tmp_path, [serving_spacetime()], [ready_caddy(stop_takes=0.3)],
                           stops=((1.0, signal.SIGTERM),))
     assert code == 0
-    stops = [(name, t) for t, name, what, _ in world.journal if what == "stop_signal"]
+    stops = stop_signals(world)
     assert stops == [("caddy", 1.0), ("spacetimedb", pytest.approx(1.3))]
 
 
@@ -156,7 +142,7 @@ def test_nothing_restarts_once_the_stop_began(tmp_path: Path) -> None:
 def test_a_stop_during_startup_stops_the_children_that_exist(tmp_path: Path) -> None:
     code, world, _ = play(tmp_path, [Run()], [ready_caddy()], stops=((0.5, signal.SIGTERM),))
     assert code == 0
-    assert [name for _, name, what, _ in world.journal if what == "stop_signal"] == ["caddy", "spacetimedb"]
+    assert [name for name, _ in stop_signals(world)] == ["caddy", "spacetimedb"]
     assert (len(world.spacetime_runs.children), len(world.caddy_runs.children)) == (1, 1)
 
 
