@@ -18,10 +18,10 @@ death (no restart, no crash-loop count) and launches nothing until
 ``resume()``.  The next run is then an ordinary launch: readiness, a new
 ``generation`` (what follows a restart follows a resume too).
 
-Stopping is not part of this loop.  A stop cancels the task group that runs
-``supervise`` (at whichever await it is: the race, the wait, the pause), and
-the supervisor then calls ``stop()`` on the child that exists; nothing can
-restart afterwards because nothing runs the loop any more.
+Stopping is not part of this loop.  A stop cancels the task that runs
+``supervise`` (at whichever await it is: the race, the wait, the pause) and,
+in the same step, calls ``begin_stop()`` for the child that exists; nothing
+can restart afterwards because nothing runs the loop any more.
 
 Subclasses in the domain packages (``spacetimedb.service``,
 ``web.caddy_service``) say what is particular to their child: ``spec``
@@ -341,7 +341,8 @@ class Service:
 
     # -- stop (called by the supervisor, as the loop above is cancelled) ---------------------
     def begin_stop(self, grace: float, force: asyncio.Event) -> asyncio.Future[None]:
-        """Send the stop signal now, in the caller's step; the returned future is the rest of the stop.
+        """Stop the run that exists, if any: its stop signal now, in the caller's step; the returned future is
+        the rest of the stop (``grace`` seconds, or until ``force``, then SIGKILL).
 
         Synchronous on purpose: the supervisor calls it from the step that
         handles the signal, and from the line that says the previous child is
@@ -359,10 +360,6 @@ class Service:
         log.info("child.stopping", child=self.name, pid=child.pid,
                  signal=signal.Signals(self.stop_signal).name, grace_s=round(grace, 2))
         return asyncio.ensure_future(self._finish_stop(child, grace, force, started))
-
-    async def stop(self, grace: float, force: asyncio.Event) -> None:
-        """Stop the run that exists, if any: its stop signal, ``grace`` seconds (or until ``force``), SIGKILL."""
-        await self.begin_stop(grace, force)
 
     def mark_done_serving(self) -> None:
         """The current run serves nothing any more although its process is still exiting.

@@ -62,7 +62,6 @@ class Supervisor:
         self._force = asyncio.Event()
         self._all_begun: asyncio.Future[None] | None = None  # set by _begin_shutdown: every stop signal sent
         self._stops: list[asyncio.Future[None]] = []
-        self._stop_failures: list[Exception] = []  # a stop that could not begin; raised once the others ended
         self._service_tasks: list[asyncio.Task[None]] = []
         self._shutdown_start = 0.0
 
@@ -197,8 +196,10 @@ class Supervisor:
             remaining = max(deadline - self.clock(), 0.0)
             try:
                 stop = service.begin_stop(min(service.grace(), remaining), self._force)
-            except Exception as exc:  # raised in a callback it would be lost: kept, raised by _shutdown
-                self._stop_failures.append(exc)
+            except Exception as exc:  # raised in a callback it would be lost: kept as a failed stop for _shutdown
+                failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                stops.append(failed)
                 begin_next()  # the next child is stopped all the same (SpacetimeDB's flush must not depend on it)
                 return
             stops.append(stop)
@@ -223,9 +224,7 @@ class Supervisor:
         if self._stops:
             await asyncio.wait(self._stops)  # every stop that began runs to its end, whatever failed meanwhile
         for stop in self._stops:
-            stop.result()  # a stop's own failure is raised, as before
-        if self._stop_failures:
-            raise self._stop_failures[0]
+            stop.result()  # the first failure (one that could not begin, or a stop's own) is raised
         self.status.stop_seconds = round(self.clock() - self._shutdown_start, 3)
 
     async def _await_main(self) -> None:
