@@ -46,6 +46,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 CADDYFILE_NAME = "Caddyfile"
 # Beside the Caddyfile: which inputs it was rendered from and the hash of its text (see reusable_caddyfile).
 RENDER_STAMP_SUFFIX = ".rendered"
+#: A rendered Caddyfile is a few KiB; anything near this is not ours and is rendered again.
+CADDYFILE_LIMIT = 1024 * 1024
 # Bump when what goes into render_key changes meaning, so no old stamp can ever match by accident.
 _RENDER_KEY_FORMAT = b"pogly-caddyfile-render/1"
 READY_MSG = "serving initial configuration"
@@ -286,10 +288,6 @@ def reusable_caddyfile(settings: Settings, key: str | None) -> str | None:
     if not isinstance(stamp, dict) or stamp.get("render_key") != key or stamp.get("sha256") != _text_hash(data):
         return None
     return text
-
-
-#: A rendered Caddyfile is a few KiB; anything near this is not ours and is rendered again.
-CADDYFILE_LIMIT = 1024 * 1024
 
 
 def write_render_stamp(settings: Settings, key: str, text: str) -> Path:
